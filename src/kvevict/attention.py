@@ -1,0 +1,141 @@
+"""Attention over an evicted cache: the torch reference path, registered with transformers as "kvevict".
+
+Each KV head may keep a different set of tokens, so causality cannot come from a square mask: it comes from
+the original positions the cache stores next to every kept row (key position <= query position). The mask
+also drops empty slots of the padded per-layer view, keys outside a sliding window, and keys a gate hid.
+
+When the model runs with any other cache (or none), the function falls back to transformers' SDPA path with
+the mask transformers built, so setting the implementation on a model is harmless.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "kvevict"
+_QUERY_BLOCK = 512  # query rows per block when materialising probabilities (bounds memory on long prompts)
+
+
+def allowed_keys(
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Which keys each query may see: [B, H, T, L] bool from query positions [T] and key positions [B, H, L]."""
+    q = query_positions.view(1, 1, -1, 1).to(key_positions.dtype)
+    k = key_positions.unsqueeze(2)
+    allowed = (k >= 0) & (k <= q)
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window
+    return allowed
+
+
+def attention_probs(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q.k * scale) under the causal/position mask, fp32: [B, H, G, T, L].
+
+    queries [B, H, G, T, d] (G query heads per KV head), keys [B, H, L, d], positions as in `allowed_keys`.
+    """
+    allowed = allowed_keys(query_positions, key_positions, sliding_window)
+    if visible is not None:
+        allowed = allowed & (visible.unsqueeze(2) | (key_positions.unsqueeze(2) == query_positions.view(1, 1, -1, 1)))
+    logits = torch.einsum("bhgtd,bhld->bhgtl", queries.float(), keys.float()) * scale
+    logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # queries with no visible key (padding) contribute nothing
+
+
+def accumulated_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scale: float,
+    query_weight: torch.Tensor,
+    sliding_window: int | None = None,
+    visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over queries (weighted by query_weight [B, T]) and the G heads of a group of the attention: [B, H, L].
+
+    Computed in blocks of query rows so a long prompt never materialises its full attention map.
+    """
+    B, H, G, T, _ = queries.shape
+    total = keys.new_zeros(B, H, keys.shape[2], dtype=torch.float32)
+    for start in range(0, T, _QUERY_BLOCK):
+        stop = min(T, start + _QUERY_BLOCK)
+        probs = attention_probs(
+            queries[..., start:stop, :], keys, query_positions[start:stop], key_positions, scale, sliding_window, visible
+        )
+        total += torch.einsum("bhgtl,bt->bhl", probs, query_weight[:, start:stop].float())
+    return total
+
+
+def evicted_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+    visible: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Exact attention over kept entries. queries [B, Hq, T, d]; keys/values [B, H, L, d] -> [B, T, Hq, d]."""
+    B, Hq, T, d = queries.shape
+    H, L = keys.shape[1], keys.shape[2]
+    G = Hq // H
+    # Mask shared by all heads when they keep the same positions (always true before any eviction).
+    shared = bool((key_positions == key_positions[:, :1]).all()) and visible is None
+    kpos = key_positions[:, :1] if shared else key_positions
+    allowed = allowed_keys(query_positions, kpos, sliding_window)
+    if visible is not None:
+        allowed &= visible.unsqueeze(2) | (kpos.unsqueeze(2) == query_positions.view(1, 1, -1, 1))
+    allowed |= ~allowed.any(-1, keepdim=True)  # padding queries with nothing to see: keep them finite
+    # Group query heads with their KV head: [B, H, G*T, d] against [B, H, L, d], no repeat of K/V needed.
+    q = queries.reshape(B, H, G * T, d) if G > 1 else queries
+    mask = allowed.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(B, allowed.shape[1], G * T, L) if G > 1 else allowed
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    else:
+        logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling
+        logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        out = torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype), values)
+    return out.reshape(B, Hq, T, d).transpose(1, 2)
+
+
+def kvevict_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers AttentionInterface entry point."""
+    from .cache import active_cache  # late import: cache imports this module
+
+    cache = active_cache()
+    if cache is None or not cache.manages(module):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return cache.attend(module, query, key, value, scaling, kwargs.get("softcap")), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register "kvevict" with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvevict_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    _registered = True

@@ -1,0 +1,256 @@
+"""The policy contract: observe -> score -> select. Policies never touch storage; the cache never decides.
+
+A policy is a dataclass of the method's parameters. The cache calls it at three points:
+
+- `observe(layer, ctx)` inside every attention call, with the layer's queries and the keys they attend to
+  (policies that need attention statistics accumulate them here);
+- `score(layer, ctx)` when an eviction is due, returning one number per kept token and KV head
+  (higher = more worth keeping);
+- `select(...)` (implemented here once for every policy) turns those scores into keep masks that respect
+  the budget, the allocation scheme and the protected tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..attention import attention_probs
+
+if TYPE_CHECKING:
+    from ..cache import EvictingCache, LayerContext
+
+ALLOCATIONS = ("uniform", "head", "global")
+
+
+@dataclass
+class Policy:
+    """Base class of every eviction policy.
+
+    Sizing (exactly one of):
+        compression_ratio: fraction of KV pairs removed, in [0, 1) (kvpress's convention). At each eviction
+            the cache keeps ceil((1 - ratio) * tokens seen) tokens per (layer, KV head) on average.
+        budget: tokens kept per (layer, KV head) on average; a fixed size that decoding maintains.
+    Allocation of that size:
+        "uniform": every KV head keeps the same number of tokens.
+        "head": one threshold across the KV heads of a layer (AdaKV-style); each head keeps at least
+            `head_floor` x its uniform share.
+        "global": one threshold across all layers and KV heads (KVzip-style "pair level").
+    Protected tokens (always kept, counted in the budget):
+        sink_tokens: the first tokens of each sequence; window: the most recent tokens.
+    Timing:
+        prefill_chunk: prompt tokens per forward pass in `kvevict.generate`/`answer` (eviction runs after each
+            chunk, so peak memory is about budget + chunk); None = one pass.
+        decode_interval: evict every this many decoded tokens; None = never evict while decoding.
+    """
+
+    compression_ratio: float = 0.0
+    budget: int | None = None
+    allocation: str = "uniform"
+    head_floor: float | None = None
+    sink_tokens: int = 0
+    window: int = 0
+    prefill_chunk: int | None = None
+    decode_interval: int | None = 128
+
+    name: ClassVar[str] = "base"
+    # How many of the most recent queries per layer `score` wants to see (SnapKV's observation window).
+    query_window: ClassVar[int] = 0
+    # Whether `observe` needs the attention probabilities (costs an extra pass over the keys).
+    needs_attention: ClassVar[bool] = False
+    _cache: EvictingCache | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        ratio = self.compression_ratio
+        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {ratio!r}")
+        if self.budget is not None:
+            if ratio:
+                raise ValueError("give either compression_ratio or budget, not both")
+            if not isinstance(self.budget, int) or self.budget < 1:
+                raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
+            protected = self.sink_tokens + self.window
+            if self.budget < protected:
+                raise ValueError(
+                    f"budget={self.budget} is smaller than the protected tokens "
+                    f"(sink_tokens={self.sink_tokens} + window={self.window} = {protected})"
+                )
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.head_floor is not None and not 0.0 <= self.head_floor <= 1.0:
+            raise ValueError(f"head_floor must be in [0, 1], got {self.head_floor!r}")
+        for name in ("sink_tokens", "window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {self.prefill_chunk!r}")
+        if self.decode_interval is not None and self.decode_interval < 1:
+            raise ValueError(f"decode_interval must be a positive number of tokens or None, got {self.decode_interval!r}")
+
+    @property
+    def evicts(self) -> bool:
+        """Whether this policy ever removes anything."""
+        return self.budget is not None or self.compression_ratio > 0
+
+    def params(self) -> dict:
+        """The dataclass parameters (what a user passes to `make_policy`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    # ------------------------------------------------------------------ lifecycle
+    def bind(self, cache: EvictingCache) -> None:
+        """Attach to the one cache this policy configures."""
+        if self._cache is not None and self._cache is not cache:
+            raise ValueError(f"this {self.name} policy already configures another cache; make a new policy per cache")
+        self._cache = cache
+        self._queries: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """Called with the hidden states entering each attention module (before q/k/v). Gates use it."""
+
+    def wants_layer_input(self) -> bool:
+        return False
+
+    def observe(self, layer_idx: int, ctx: LayerContext) -> None:
+        """Called in every attention call (not while the cache is frozen). Default: buffer recent queries."""
+        if self.query_window:
+            self._buffer_queries(layer_idx, ctx)
+
+    def key_visibility(self, layer_idx: int, ctx: LayerContext) -> torch.Tensor | None:
+        """Optional [B, H, L] bool: keys hidden from later queries in this very forward (in-context eviction)."""
+        return None
+
+    def score(self, layer_idx: int, ctx: LayerContext) -> torch.Tensor:
+        """Importance of every slot of ctx.view: [B, H, L], higher = keep. Empty slots are ignored."""
+        raise NotImplementedError
+
+    def after_eviction(self) -> None:
+        """Called after the cache compacted (policies with per-token state outside the cache update it here)."""
+
+    # ------------------------------------------------------------------ recent queries
+    def _buffer_queries(self, layer_idx: int, ctx: LayerContext) -> None:
+        w = self.query_window
+        q, pos, ok = ctx.queries[..., -w:, :], ctx.query_positions[-w:], ctx.query_valid[:, -w:]
+        if layer_idx in self._queries and q.shape[-2] < w:
+            old_q, old_pos, old_ok = self._queries[layer_idx]
+            q = torch.cat([old_q, q], dim=-2)[..., -w:, :]
+            pos = torch.cat([old_pos, pos])[-w:]
+            ok = torch.cat([old_ok, ok], dim=1)[:, -w:]
+        self._queries[layer_idx] = (q.detach(), pos, ok)
+
+    def recent_attention(self, layer_idx: int, ctx: LayerContext, scale: float | None = None) -> torch.Tensor:
+        """Attention of the buffered recent queries over the kept keys: [B, H, G, w, L] (0 for padding queries)."""
+        q, pos, ok = self._queries[layer_idx]
+        probs = attention_probs(
+            q, ctx.view.keys, pos, ctx.view.positions, ctx.scaling if scale is None else scale,
+            sliding_window=ctx.sliding_window,
+        )
+        return probs * ok[:, None, None, :, None]
+
+    # ------------------------------------------------------------------ sizing and selection
+    def target_tokens(self, tokens_seen: torch.Tensor) -> torch.Tensor:
+        """Tokens to keep per (layer, KV head) for each batch row, given the real tokens seen: LongTensor [B]."""
+        if self.budget is not None:
+            return torch.full_like(tokens_seen, self.budget)
+        return torch.ceil((1.0 - self.compression_ratio) * tokens_seen.double()).long()
+
+    def recent_window(self, target: int) -> int:
+        """Most recent tokens protected when keeping `target` tokens per head."""
+        return self.window
+
+    def select(
+        self,
+        scores: dict[int, torch.Tensor],
+        positions: dict[int, torch.Tensor],
+        row_start: torch.Tensor,
+        tokens_seen: torch.Tensor,
+        last_position: int,
+    ) -> dict[int, torch.Tensor]:
+        """Keep masks per layer [B, H, L] from scores [B, H, L] and positions [B, H, L] (-1 = empty slot)."""
+        targets = self.target_tokens(tokens_seen)  # [B]
+        ranked = {}
+        for layer, score in scores.items():
+            pos = positions[layer].long()
+            valid = pos >= 0
+            score = score.float().masked_fill(~valid, float("-inf"))
+            window = torch.tensor([self.recent_window(int(t)) for t in targets], device=pos.device)
+            protected = valid & (
+                (pos < (row_start.view(-1, 1, 1) + self.sink_tokens)) | (pos > last_position - window.view(-1, 1, 1))
+            )
+            ranked[layer] = torch.where(protected, torch.full_like(score, float("inf")), score)
+
+        if self.allocation == "uniform":
+            return {layer: _top_k_mask(s, targets.view(-1, 1)) for layer, s in ranked.items()}
+        floor = self.head_floor if self.head_floor is not None else (0.2 if self.allocation == "head" else 0.0)
+        floors = torch.floor(floor * targets.double()).long()
+        lifted = {layer: _lift_top(s, floors) for layer, s in ranked.items()}
+        if self.allocation == "head":
+            keep = {}
+            for layer, s in lifted.items():
+                B, H, L = s.shape
+                mask = _top_k_mask(s.reshape(B, 1, H * L), (targets * H).view(-1, 1))
+                keep[layer] = mask.view(B, H, L)
+            return keep
+        # global: one threshold per batch row across every evictable layer and head
+        layers = list(lifted)
+        flat = torch.cat([lifted[layer].flatten(1) for layer in layers], dim=1)  # [B, sum(H*L)]
+        total = targets * sum(lifted[layer].shape[1] for layer in layers)
+        mask = _top_k_mask(flat.unsqueeze(1), total.view(-1, 1)).squeeze(1)
+        keep, offset = {}, 0
+        for layer in layers:
+            size = lifted[layer][0].numel()
+            keep[layer] = mask[:, offset : offset + size].view_as(lifted[layer])
+            offset += size
+        return keep
+
+    def describe(self) -> str:
+        size = f"budget={self.budget}" if self.budget is not None else f"ratio={self.compression_ratio:g}"
+        return f"{self.name}({size}, {self.allocation})"
+
+
+def _top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mask of the k[b, h] highest finite-or-+inf scores along the last dim (never -inf ones); ties broken by order."""
+    n = scores.shape[-1]
+    if n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    return (rank < k.unsqueeze(-1).expand(*scores.shape[:-1], 1)) & (scores > float("-inf"))
+
+
+def _lift_top(scores: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
+    """Give each head's top floors[b] entries a score above every other entry (each head keeps at least that)."""
+    if int(floors.max()) == 0:
+        return scores
+    B, H, L = scores.shape
+    floor_mask = _top_k_mask(scores, floors.view(B, 1).expand(B, H))
+    return torch.where(floor_mask, scores + 1e30, scores).masked_fill(scores == float("inf"), float("inf"))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pool1d(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D average pooling over the last dim with 'same' padding (odd kernels), as SnapKV smooths its scores."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    pooled = torch.nn.functional.avg_pool1d(
+        scores.reshape(-1, 1, shape[-1]).float(), kernel_size=kernel, stride=1, padding=kernel // 2,
+        count_include_pad=False,
+    )
+    return pooled.view(shape)
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")

@@ -1,0 +1,41 @@
+"""H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs", arXiv 2306.14048).
+
+Score = attention each key has received, accumulated over every query so far (prompt and decoded tokens),
+summed over the query heads of a GQA group. Half of the budget goes to the most recent tokens (the paper's
+equal heavy-hitter / recent split, `recent_fraction`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..attention import accumulated_attention
+from .base import Policy
+
+
+@dataclass
+class H2OPolicy(Policy):
+    """Heavy hitters by accumulated attention + a recent window."""
+
+    recent_fraction: float = 0.5
+    name = "h2o"
+    needs_attention = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.recent_fraction < 1.0:
+            raise ValueError(f"recent_fraction must be in [0, 1), got {self.recent_fraction!r}")
+
+    def recent_window(self, target: int) -> int:
+        return max(self.window, math.floor(self.recent_fraction * target))
+
+    def observe(self, layer_idx, ctx):
+        acc = accumulated_attention(
+            ctx.queries, ctx.view.keys, ctx.query_positions, ctx.view.positions, ctx.scaling,
+            ctx.query_valid, ctx.sliding_window,
+        )
+        ctx.add_stat("h2o", acc)
+
+    def score(self, layer_idx, ctx):
+        return ctx.stat("h2o")

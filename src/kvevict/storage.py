@@ -1,0 +1,212 @@
+"""Compact variable-length K/V storage for one attention layer.
+
+Layout ("varlen", as in flash-attention's varlen kernels): every (batch row, KV head) pair owns one
+*segment* of a flat row buffer.
+
+    keys, values   [rows, head_dim]   K/V rows, segment after segment
+    positions      [rows] int32       original token position of each row, -1 for a free slot
+    stats[name]    [rows] float32     per-row side channels a policy accumulates into (e.g. H2O scores)
+    seg_start      [S] int64          first row of segment s (S = batch * kv_heads, s = b * kv_heads + h)
+    seg_len        [S] int64          rows in use
+    seg_cap        [S] int64          rows reserved
+
+Rows inside a segment are ordered by position. Each segment holds exactly what its head keeps, so heads
+with different budgets cost different amounts of memory. Shapes only change when a segment runs out of
+room or an eviction resizes the layer; between those events appends write in place, which is what a
+CUDA-graph-captured decode step needs (lengths live in tensors, never in Python ints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PaddedView:
+    """A transient [batch, kv_heads, max_len] view of a store, built one layer at a time for attention.
+
+    `row_index[b, h, j]` is the storage row behind slot j (0 where the slot is empty) and `valid` says which
+    slots hold a token. Empty slots have position -1.
+    """
+
+    keys: torch.Tensor  # [B, H, L, d]
+    values: torch.Tensor  # [B, H, L, d]
+    positions: torch.Tensor  # [B, H, L] int32, -1 = empty slot
+    valid: torch.Tensor  # [B, H, L] bool
+    row_index: torch.Tensor  # [B, H, L] int64
+
+
+class LayerStore:
+    """Variable-length K/V storage of one layer for `batch` rows and `heads` KV heads."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.dtype, self.device = dtype, device
+        segments = batch * heads
+        self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty(0, head_dim, dtype=dtype, device=device)
+        self.positions = torch.empty(0, dtype=torch.int32, device=device)
+        self.stats: dict[str, torch.Tensor] = {}
+        self.seg_start = torch.zeros(segments, dtype=torch.long, device=device)
+        self.seg_len = torch.zeros(segments, dtype=torch.long, device=device)
+        self.seg_cap = torch.zeros(segments, dtype=torch.long, device=device)
+
+    # ----------------------------------------------------------------- accounting
+    @property
+    def rows(self) -> int:
+        return self.keys.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer: K/V rows (free slots included) plus per-row metadata."""
+        total = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        total += self.positions.numel() * self.positions.element_size()
+        total += sum(s.numel() * s.element_size() for s in self.stats.values())
+        return total
+
+    def kept_counts(self) -> torch.Tensor:
+        """Tokens kept per (batch row, KV head): LongTensor [batch, heads]."""
+        return self.seg_len.view(self.batch, self.heads).clone()
+
+    # ----------------------------------------------------------------- layout changes
+    def _segment_rows(self, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Flat row ids start[s] + 0..len[s]-1 for every segment, in segment order."""
+        total = int(lengths.sum())
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), lengths, output_size=total)
+        first = torch.cumsum(lengths, 0) - lengths
+        return starts[seg] + torch.arange(total, device=self.device) - first[seg]
+
+    def _relayout(self, src_rows: torch.Tensor, new_len: torch.Tensor, new_cap: torch.Tensor) -> None:
+        """Move `src_rows` (grouped by segment, new_len[s] rows each) into fresh segments of capacity new_cap."""
+        new_start = torch.cumsum(new_cap, 0) - new_cap
+        total_rows = int(new_cap.sum())
+        dst_rows = self._segment_rows(new_start, new_len)
+        same_size = total_rows == self.rows
+
+        def move(buffer: torch.Tensor, fill) -> torch.Tensor:
+            moved = buffer.index_select(0, src_rows)
+            if same_size:  # reuse the allocation: addresses stay stable for captured graphs
+                target = buffer
+                if isinstance(fill, (int, float)):
+                    target.fill_(fill)
+            else:
+                target = torch.full((total_rows, *buffer.shape[1:]), fill, dtype=buffer.dtype, device=self.device)
+            target.index_copy_(0, dst_rows, moved)
+            return target
+
+        self.keys = move(self.keys, 0)
+        self.values = move(self.values, 0)
+        self.positions = move(self.positions, -1)
+        self.stats = {name: move(stat, 0.0) for name, stat in self.stats.items()}
+        self.seg_start, self.seg_len, self.seg_cap = new_start, new_len.clone(), new_cap.clone()
+
+    def reserve(self, extra: torch.Tensor, slack: int) -> None:
+        """Make room for extra[s] more rows in every segment, growing by `slack` more to amortise copies."""
+        if bool((self.seg_len + extra <= self.seg_cap).all()):
+            return
+        src_rows = self._segment_rows(self.seg_start, self.seg_len)
+        self._relayout(src_rows, self.seg_len, self.seg_len + extra + slack)
+
+    def compact(self, keep: torch.Tensor, view: PaddedView, slack: int = 0) -> None:
+        """Keep only the slots of `view` where keep[b, h, j] is True; each segment shrinks to what it keeps + slack."""
+        keep = keep & view.valid
+        new_len = keep.sum(-1).reshape(-1)
+        src_rows = view.row_index[keep]  # row-major over (b, h, j): grouped by segment, position order kept
+        self._relayout(src_rows, new_len, new_len + slack)
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Forget every row past lengths[s] in each segment (rows appended after a snapshot)."""
+        gone = self._segment_rows(self.seg_start + lengths, self.seg_len - lengths)
+        self.positions.index_fill_(0, gone, -1)
+        self.seg_len = lengths.clone()
+
+    # ----------------------------------------------------------------- writes
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        token_valid: torch.Tensor,
+        slack: int,
+        stats: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Append new tokens. keys/values [B, H, T, d]; positions [T]; token_valid [B, T] (False = padding, dropped).
+
+        `stats` gives initial values [B, H, T] for side channels (others start at 0).
+        """
+        B, H, T, d = keys.shape
+        counts = token_valid.sum(1)  # [B]
+        extra = counts.repeat_interleave(H)
+        self.reserve(extra, slack)
+        rank = token_valid.long().cumsum(1) - 1  # [B, T]
+        dst = (self.seg_start + self.seg_len).view(B, H, 1) + rank.view(B, 1, T)
+        write = token_valid.view(B, 1, T).expand(B, H, T)
+        all_valid = bool(token_valid.all())
+        if all_valid:
+            dst_rows = dst.reshape(-1)
+            self.keys.index_copy_(0, dst_rows, keys.reshape(-1, d).to(self.dtype))
+            self.values.index_copy_(0, dst_rows, values.reshape(-1, d).to(self.dtype))
+        else:
+            dst_rows = dst[write]
+            self.keys.index_copy_(0, dst_rows, keys[write].to(self.dtype))
+            self.values.index_copy_(0, dst_rows, values[write].to(self.dtype))
+        new_pos = positions.to(torch.int32).view(1, 1, T).expand(B, H, T)
+        self.positions.index_copy_(0, dst_rows, new_pos.reshape(-1) if all_valid else new_pos[write])
+        for name, init in (stats or {}).items():
+            channel = self.stat_channel(name)
+            init = init.to(channel.dtype)
+            channel.index_copy_(0, dst_rows, init.reshape(-1) if all_valid else init[write])
+        self.seg_len = self.seg_len + extra
+
+    def stat_channel(self, name: str) -> torch.Tensor:
+        """The per-row side channel `name`, created (zeros) on first use."""
+        if name not in self.stats:
+            self.stats[name] = torch.zeros(self.rows, dtype=torch.float32, device=self.device)
+        return self.stats[name]
+
+    # ----------------------------------------------------------------- reads
+    def view(self) -> PaddedView:
+        """Gather the layer into [B, H, L, d] (L = longest segment). A view, not a copy, when segments are equal."""
+        B, H, d = self.batch, self.heads, self.head_dim
+        S = B * H
+        max_len = int(self.seg_len.max()) if S else 0
+        slot = torch.arange(max_len, device=self.device)
+        valid = slot.view(1, -1) < self.seg_len.view(-1, 1)  # [S, L]
+        cap = self.seg_cap[0] if S else 0
+        uniform = S > 0 and self.rows == S * int(cap) and bool((self.seg_cap == cap).all())
+        if uniform:
+            cap = int(cap)
+            row_index = (torch.arange(S, device=self.device) * cap).view(-1, 1) + slot.view(1, -1)
+            keys = self.keys.view(S, cap, d)[:, :max_len]
+            values = self.values.view(S, cap, d)[:, :max_len]
+            positions = self.positions.view(S, cap)[:, :max_len]  # free slots already hold -1
+        else:
+            row_index = torch.where(valid, self.seg_start.view(-1, 1) + slot.view(1, -1), 0)
+            if self.rows == 0:
+                row_index = torch.zeros_like(row_index)
+            keys = self.keys[row_index] if self.rows else self.keys.new_zeros(S, max_len, d)
+            values = self.values[row_index] if self.rows else self.values.new_zeros(S, max_len, d)
+            positions = torch.where(valid, self.positions[row_index], -1) if self.rows else row_index.int() - 1
+        return PaddedView(
+            keys=keys.reshape(B, H, max_len, d),
+            values=values.reshape(B, H, max_len, d),
+            positions=positions.reshape(B, H, max_len),
+            valid=valid.view(B, H, max_len),
+            row_index=row_index.view(B, H, max_len),
+        )
+
+    def gather_stat(self, name: str, view: PaddedView) -> torch.Tensor:
+        """Side channel `name` laid out like `view`: [B, H, L] (0 on empty slots)."""
+        channel = self.stat_channel(name)
+        return torch.where(view.valid, channel[view.row_index], 0.0)
+
+    def add_stat(self, name: str, view: PaddedView, amount: torch.Tensor) -> None:
+        """channel[row] += amount[b, h, j] for every valid slot of `view`."""
+        channel = self.stat_channel(name)
+        channel.index_add_(0, view.row_index[view.valid], amount[view.valid].to(channel.dtype))
+
+    def set_stat(self, name: str, view: PaddedView, value: torch.Tensor) -> None:
+        """channel[row] = value[b, h, j] for every valid slot of `view`."""
+        channel = self.stat_channel(name)
+        channel.index_copy_(0, view.row_index[view.valid], value[view.valid].to(channel.dtype))
