@@ -209,7 +209,7 @@ def tiny_config(family: str, **overrides):
     common = dict(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=True,
+        eos_token_id=2, tie_word_embeddings=True, initializer_range=0.3,
     )
     if family == "llama":
         config = LlamaConfig(**{**common, **overrides})
