@@ -8,18 +8,27 @@ import torch
 
 from .base import Policy
 
+_MOD = 2**31
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """One step of a linear congruential generator (values stay below 2**31, no int64 overflow)."""
+    return (x * 1103515245 + 12345) % _MOD
+
 
 @dataclass
 class RandomPolicy(Policy):
-    """Uniformly random scores, reproducible with `seed`."""
+    """Pseudo-random scores, a function of (seed, layer, KV head, position) only.
+
+    Scores do not depend on the batch a prompt runs in, so a batch evicts what each prompt would alone.
+    """
 
     seed: int = 0
     name = "random"
 
-    def bind(self, cache) -> None:
-        super().bind(cache)
-        self._generator = torch.Generator().manual_seed(self.seed)
-
     def score(self, layer_idx, ctx):
-        shape = ctx.view.positions.shape
-        return torch.rand(shape, generator=self._generator).to(ctx.view.positions.device)
+        pos = ctx.view.positions.long()
+        B, H, L = pos.shape
+        head = torch.arange(H, device=pos.device).view(1, H, 1)
+        x = _mix(_mix(pos + (self.seed * 7919 + layer_idx * 131 + head * 17) % _MOD) + head)
+        return _mix(x).float() / _MOD
