@@ -49,6 +49,12 @@ class LayerContext:
     queries: torch.Tensor | None = None  # [B, H, G, T, d], RoPE applied
     query_positions: torch.Tensor | None = None  # [T]
     query_valid: torch.Tensor | None = None  # [B, T], False for padding
+    row_start: torch.Tensor | None = None  # [B] position of each row's first real token
+
+    def relative_positions(self) -> torch.Tensor:
+        """Kept positions counted from each row's first real token: [B, H, L] (-1 on empty slots)."""
+        pos = self.view.positions.long()
+        return torch.where(pos >= 0, pos - self.row_start.view(-1, 1, 1).clamp(min=0), -1)
 
     def stat(self, name: str) -> torch.Tensor:
         return self.store.gather_stat(name, self.view)
@@ -262,7 +268,7 @@ class EvictingCache(Cache):
             if not layer.evictable or layer.store is None:
                 continue
             view = layer.store.view()
-            ctx = LayerContext(layer.layer_idx, view, layer.store, layer.scaling or 1.0)
+            ctx = LayerContext(layer.layer_idx, view, layer.store, layer.scaling or 1.0, row_start=self.row_start)
             scores[layer.layer_idx] = self.policy.score(layer.layer_idx, ctx)
             positions[layer.layer_idx] = view.positions
             # keep only what compaction needs: the K/V copies of a gathered view can go now

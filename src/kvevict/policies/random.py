@@ -27,7 +27,7 @@ class RandomPolicy(Policy):
     name = "random"
 
     def score(self, layer_idx, ctx):
-        pos = ctx.view.positions.long()
+        pos = ctx.relative_positions()
         B, H, L = pos.shape
         head = torch.arange(H, device=pos.device).view(1, H, 1)
         x = _mix(_mix(pos + (self.seed * 7919 + layer_idx * 131 + head * 17) % _MOD) + head)
