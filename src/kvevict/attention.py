@@ -96,6 +96,10 @@ def evicted_attention(
     # Mask shared by all heads when they keep the same positions (always true before any eviction).
     shared = bool((key_positions == key_positions[:, :1]).all()) and visible is None
     kpos = key_positions[:, :1] if shared else key_positions
+    if shared and softcap is None and L == T and sliding_window is None and bool((kpos == query_positions).all()):
+        # a fresh prefill without padding: plain causal attention, for which SDPA skips the masked half
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=G > 1)
+        return out.transpose(1, 2)
     allowed = allowed_keys(query_positions, kpos, sliding_window)
     if visible is not None:
         allowed &= visible.unsqueeze(2) | (kpos.unsqueeze(2) == query_positions.view(1, 1, -1, 1))

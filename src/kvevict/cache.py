@@ -161,6 +161,8 @@ class EvictingCache(Cache):
                 )
             valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
         positions = torch.arange(self.seen, self.seen + length, device=device)
+        first_real = torch.where(valid.any(1), valid.float().argmax(1) + self.seen, -1)
+        self.row_start = torch.where(self.row_start < 0, first_real, self.row_start)
         self._step = _Step(length=length, positions=positions, valid=valid)
         for layer in self.layers:
             layer.attended = False
@@ -176,8 +178,6 @@ class EvictingCache(Cache):
             )
         for layer in self.layers:
             layer.current_view = None
-        first_real = torch.where(step.valid.any(1), step.valid.float().argmax(1) + self.seen, -1)
-        self.row_start = torch.where(self.row_start < 0, first_real, self.row_start)
         self.tokens_seen += step.valid.sum(1)
         self.seen += step.length
         self._trim_sliding_layers()
@@ -246,7 +246,7 @@ class EvictingCache(Cache):
         ctx = None
         visible = None
         if layer.evictable and not self.frozen:
-            ctx = LayerContext(module.layer_idx, view, layer.store, scaling)
+            ctx = LayerContext(module.layer_idx, view, layer.store, scaling, row_start=self.row_start)
             visible = self.policy.key_visibility(module.layer_idx, ctx)
         out = evicted_attention(
             query, key, value, step.positions, view.positions, scaling,
