@@ -1,0 +1,148 @@
+"""The `kvevict` command: generate, demo, bench, policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _policy_from_args(args):
+    from .policies import make_policy
+
+    params = json.loads(args.policy_args) if args.policy_args else {}
+    if not isinstance(params, dict):
+        raise SystemExit("--policy-args must be a JSON object, e.g. '{\"window\": 64}'")
+    if args.ratio is not None:
+        params["compression_ratio"] = args.ratio
+    if args.budget is not None:
+        params["budget"] = args.budget
+    if args.allocation is not None:
+        params["allocation"] = args.allocation
+    return make_policy(args.policy, **params)
+
+
+def _add_policy_args(p: argparse.ArgumentParser, default_policy: str = "full") -> None:
+    p.add_argument("--policy", default=default_policy, help="eviction policy (see `kvevict policies`)")
+    p.add_argument("--ratio", type=float, help="compression ratio: fraction of KV pairs removed, in [0, 1)")
+    p.add_argument("--budget", type=int, help="tokens kept per layer and KV head (instead of --ratio)")
+    p.add_argument("--allocation", choices=["uniform", "head", "global"], help="how the budget is shared")
+    p.add_argument("--policy-args", help="more policy parameters as JSON, e.g. '{\"window\": 64}'")
+
+
+def cmd_generate(args) -> None:
+    from .api import generate
+    from .models import load_model
+
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    if not prompt or not prompt.strip():
+        raise SystemExit("the prompt is empty: give --prompt TEXT or --prompt-file F with some text")
+    policy = _policy_from_args(args)  # validate before loading the model
+    model, tok = load_model(args.model, dtype=args.dtype)
+    texts, cache = generate(model, tok, [prompt], policy=policy, max_new_tokens=args.max_new_tokens, return_cache=True)
+    print(texts[0])
+    print(f"\n[{policy.describe()}] KV kept {_mb(cache.nbytes())} of {_mb(cache.full_nbytes())} "
+          f"({100 * (1 - cache.nbytes() / max(1, cache.full_nbytes())):.1f}% saved)", file=sys.stderr)
+
+
+DEMO_NEEDLE = "The secret passphrase for the lighthouse is violet-otter-42."
+DEMO_QUESTION = "What is the secret passphrase for the lighthouse?"
+
+
+def cmd_demo(args) -> None:
+    from .api import generate
+    from .data import haystack
+    from .models import load_model
+    from .policies import make_policy
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    context = haystack(tok, args.context_tokens, DEMO_NEEDLE, depth=args.depth)
+    prompt = f"{context}\n\nAnswer this question about the text above. {DEMO_QUESTION}"
+    n_tokens = len(tok.encode(prompt))
+    print(f"context: {n_tokens} tokens of Paul Graham essays; needle at {args.depth:.0%} depth: {DEMO_NEEDLE!r}")
+    print(f"question: {DEMO_QUESTION}\n")
+    runs = [("full cache", make_policy("full")), (f"{args.policy} @ {args.ratio}", make_policy(args.policy, compression_ratio=args.ratio))]
+    full_bytes = None
+    for label, policy in runs:
+        texts, cache = generate(model, tok, [prompt], policy=policy, max_new_tokens=args.max_new_tokens, return_cache=True)
+        kept = cache.nbytes()
+        full_bytes = full_bytes or kept
+        print(f"{label:>16}: {texts[0].strip()!r}")
+        print(f"{'':>16}  KV bytes {kept:,} ({_mb(kept)}), {100 * (1 - kept / full_bytes):.1f}% saved vs full cache\n")
+
+
+def cmd_bench(args) -> None:
+    from .bench import BenchSpec, run
+
+    spec = BenchSpec(model=args.model, context=args.context, batch=args.batch, decode_tokens=args.decode_tokens,
+                     dtype=args.dtype, device=args.device, threads=args.threads)
+    run(spec, out=Path(args.out) if args.out else None)
+
+
+def cmd_policies(args) -> None:
+    from .policies import POLICIES
+
+    for name, cls in sorted(POLICIES.items()):
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<14} {doc}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvevict", description="KV-cache eviction for transformers models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate from a prompt with an evicting cache")
+    p.add_argument("--model", required=True, help="embedded name (smollm2-135m, gemma3-270m, ...), HF id/dir or .gguf")
+    _add_policy_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="needle in ~4k tokens of essays: full cache vs a 75%%-evicting policy")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--policy", default="snapkv")
+    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--context-tokens", type=int, default=4000)
+    p.add_argument("--depth", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="prefill time, decode speed, peak memory and KV bytes per configuration")
+    p.add_argument("--model", default="smollm2-135m", help="a model name, or llama3-8b-random (random weights)")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="JSON file for the results")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("policies", help="list the eviction policies")
+    p.set_defaults(func=cmd_policies)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as err:
+        raise SystemExit(f"kvevict {args.command}: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
