@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "kvevict"
-_QUERY_BLOCK = 512  # query rows per block when materialising probabilities (bounds memory on long prompts)
+_QUERY_BLOCK = 256  # query rows per block when materialising probabilities (bounds memory on long prompts)
 
 
 def allowed_keys(
@@ -88,15 +88,27 @@ def evicted_attention(
     sliding_window: int | None = None,
     visible: torch.Tensor | None = None,
     softcap: float | None = None,
+    heads_aligned: bool | None = None,
+    no_empty_slots: bool = False,
 ) -> torch.Tensor:
-    """Exact attention over kept entries. queries [B, Hq, T, d]; keys/values [B, H, L, d] -> [B, T, Hq, d]."""
+    """Exact attention over kept entries. queries [B, Hq, T, d]; keys/values [B, H, L, d] -> [B, T, Hq, d].
+
+    `heads_aligned` (all KV heads of a row keep the same positions) and `no_empty_slots` (every slot of the view
+    holds a token) are layout facts the storage knows; they select cheaper but equivalent kernels.
+    """
     B, Hq, T, d = queries.shape
     H, L = keys.shape[1], keys.shape[2]
     G = Hq // H
-    # Mask shared by all heads when they keep the same positions (always true before any eviction).
-    shared = bool((key_positions == key_positions[:, :1]).all()) and visible is None
+    plain = softcap is None and visible is None and sliding_window is None
+    if plain and T == 1 and no_empty_slots:
+        # one new query: every stored key is in its past, nothing to mask
+        out = F.scaled_dot_product_attention(queries, keys, values, scale=scaling, enable_gqa=G > 1)
+        return out.transpose(1, 2)
+    if heads_aligned is None:
+        heads_aligned = bool((key_positions == key_positions[:, :1]).all())
+    shared = heads_aligned and visible is None  # one mask serves every head
     kpos = key_positions[:, :1] if shared else key_positions
-    if shared and softcap is None and L == T and sliding_window is None and bool((kpos == query_positions).all()):
+    if shared and plain and L == T and bool((kpos == query_positions).all()):
         # a fresh prefill without padding: plain causal attention, for which SDPA skips the masked half
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=G > 1)
         return out.transpose(1, 2)

@@ -163,7 +163,8 @@ class EvictingCache(Cache):
         positions = torch.arange(self.seen, self.seen + length, device=device)
         first_real = torch.where(valid.any(1), valid.float().argmax(1) + self.seen, -1)
         self.row_start = torch.where(self.row_start < 0, first_real, self.row_start)
-        self._step = _Step(length=length, positions=positions, valid=valid)
+        all_valid = attention_mask is None or bool(valid.all())
+        self._step = _Step(length=length, positions=positions, valid=valid, all_valid=all_valid)
         for layer in self.layers:
             layer.attended = False
 
@@ -205,7 +206,7 @@ class EvictingCache(Cache):
         slack = 0 if step.length > 1 else (self.policy.decode_interval or 128)
         if layer.is_sliding:
             slack = _SLIDING_SLACK if step.length == 1 else 0
-        layer.store.append(key_states, value_states, step.positions, step.valid, slack)
+        layer.store.append(key_states, value_states, step.positions, step.valid, slack, all_valid=step.all_valid)
         layer.current_view = layer.store.view()
         return layer.current_view.keys, layer.current_view.values
 
@@ -251,6 +252,7 @@ class EvictingCache(Cache):
         out = evicted_attention(
             query, key, value, step.positions, view.positions, scaling,
             sliding_window=layer.sliding_window, visible=visible, softcap=softcap,
+            heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots,
         )
         if ctx is not None and self.policy.evicts:
             B, Hq, T, d = query.shape
@@ -394,6 +396,7 @@ class _Step:
     length: int
     positions: torch.Tensor  # [T]
     valid: torch.Tensor  # [B, T]
+    all_valid: bool  # no padding among the new tokens
 
 
 # ---------------------------------------------------------------------------------------------- hooks

@@ -36,6 +36,8 @@ class PaddedView:
     positions: torch.Tensor  # [B, H, L] int32, -1 = empty slot
     valid: torch.Tensor  # [B, H, L] bool
     row_index: torch.Tensor  # [B, H, L] int64
+    no_empty_slots: bool = False  # every segment has exactly L rows
+    heads_aligned: bool = False  # every KV head of a row keeps the same positions
 
 
 class LayerStore:
@@ -52,6 +54,20 @@ class LayerStore:
         self.seg_start = torch.zeros(segments, dtype=torch.long, device=device)
         self.seg_len = torch.zeros(segments, dtype=torch.long, device=device)
         self.seg_cap = torch.zeros(segments, dtype=torch.long, device=device)
+        # Host-side summaries, so the decode hot path needs no device sync.
+        self.max_len = 0  # longest segment
+        self.min_free = 0  # fewest free rows in any segment
+        self.equal_lengths = True  # all segments hold the same number of rows
+        self.uniform_cap: int | None = 0  # common capacity when all segments have the same one
+        self.heads_aligned = True  # every KV head of a batch row keeps the same positions
+
+    def _refresh_summaries(self) -> None:
+        lengths, caps = self.seg_len, self.seg_cap
+        self.max_len = int(lengths.max()) if lengths.numel() else 0
+        self.min_free = int((caps - lengths).min()) if lengths.numel() else 0
+        self.equal_lengths = bool((lengths == lengths[0]).all()) if lengths.numel() else True
+        uniform = lengths.numel() > 0 and bool((caps == caps[0]).all())
+        self.uniform_cap = int(caps[0]) if uniform else None
 
     # ----------------------------------------------------------------- accounting
     @property
@@ -100,9 +116,15 @@ class LayerStore:
         self.positions = move(self.positions, -1)
         self.stats = {name: move(stat, 0.0) for name, stat in self.stats.items()}
         self.seg_start, self.seg_len, self.seg_cap = new_start, new_len.clone(), new_cap.clone()
+        self._refresh_summaries()
 
-    def reserve(self, extra: torch.Tensor, slack: int) -> None:
-        """Make room for extra[s] more rows in every segment, growing by `slack` more to amortise copies."""
+    def reserve(self, extra: torch.Tensor, slack: int, extra_max: int | None = None) -> None:
+        """Make room for extra[s] more rows in every segment, growing by `slack` more to amortise copies.
+
+        `extra_max` (an upper bound of `extra` known on the host) lets the common case skip a device sync.
+        """
+        if extra_max is not None and extra_max <= self.min_free:
+            return
         if bool((self.seg_len + extra <= self.seg_cap).all()):
             return
         src_rows = self._segment_rows(self.seg_start, self.seg_len)
@@ -113,13 +135,16 @@ class LayerStore:
         keep = keep & view.valid
         new_len = keep.sum(-1).reshape(-1)
         src_rows = view.row_index[keep]  # row-major over (b, h, j): grouped by segment, position order kept
+        aligned = self.heads_aligned and bool((keep == keep[:, :1]).all())
         self._relayout(src_rows, new_len, new_len + slack)
+        self.heads_aligned = aligned
 
     def truncate(self, lengths: torch.Tensor) -> None:
         """Forget every row past lengths[s] in each segment (rows appended after a snapshot)."""
         gone = self._segment_rows(self.seg_start + lengths, self.seg_len - lengths)
         self.positions.index_fill_(0, gone, -1)
         self.seg_len = lengths.clone()
+        self._refresh_summaries()
 
     # ----------------------------------------------------------------- writes
     def append(
@@ -130,19 +155,26 @@ class LayerStore:
         token_valid: torch.Tensor,
         slack: int,
         stats: dict[str, torch.Tensor] | None = None,
+        all_valid: bool | None = None,
     ) -> None:
         """Append new tokens. keys/values [B, H, T, d]; positions [T]; token_valid [B, T] (False = padding, dropped).
 
-        `stats` gives initial values [B, H, T] for side channels (others start at 0).
+        `stats` gives initial values [B, H, T] for side channels (others start at 0). `all_valid` (whether
+        token_valid is all True, if the caller knows) saves a device sync.
         """
         B, H, T, d = keys.shape
-        counts = token_valid.sum(1)  # [B]
-        extra = counts.repeat_interleave(H)
-        self.reserve(extra, slack)
-        rank = token_valid.long().cumsum(1) - 1  # [B, T]
-        dst = (self.seg_start + self.seg_len).view(B, H, 1) + rank.view(B, 1, T)
-        write = token_valid.view(B, 1, T).expand(B, H, T)
-        all_valid = bool(token_valid.all())
+        if all_valid is None:
+            all_valid = bool(token_valid.all())
+        if all_valid:
+            extra = torch.full_like(self.seg_len, T)
+            self.reserve(extra, slack, extra_max=T)
+            dst = (self.seg_start + self.seg_len).view(B, H, 1) + torch.arange(T, device=self.device)
+        else:
+            extra = token_valid.sum(1).repeat_interleave(H)
+            self.reserve(extra, slack)
+            rank = token_valid.long().cumsum(1) - 1  # [B, T]
+            dst = (self.seg_start + self.seg_len).view(B, H, 1) + rank.view(B, 1, T)
+            write = token_valid.view(B, 1, T).expand(B, H, T)
         if all_valid:
             dst_rows = dst.reshape(-1)
             self.keys.index_copy_(0, dst_rows, keys.reshape(-1, d).to(self.dtype))
@@ -158,6 +190,11 @@ class LayerStore:
             init = init.to(channel.dtype)
             channel.index_copy_(0, dst_rows, init.reshape(-1) if all_valid else init[write])
         self.seg_len = self.seg_len + extra
+        if all_valid:
+            self.max_len += T
+            self.min_free -= T
+        else:
+            self._refresh_summaries()
 
     def stat_channel(self, name: str) -> torch.Tensor:
         """The per-row side channel `name`, created (zeros) on first use."""
@@ -170,13 +207,11 @@ class LayerStore:
         """Gather the layer into [B, H, L, d] (L = longest segment). A view, not a copy, when segments are equal."""
         B, H, d = self.batch, self.heads, self.head_dim
         S = B * H
-        max_len = int(self.seg_len.max()) if S else 0
+        max_len = self.max_len
         slot = torch.arange(max_len, device=self.device)
         valid = slot.view(1, -1) < self.seg_len.view(-1, 1)  # [S, L]
-        cap = self.seg_cap[0] if S else 0
-        uniform = S > 0 and self.rows == S * int(cap) and bool((self.seg_cap == cap).all())
-        if uniform:
-            cap = int(cap)
+        if self.uniform_cap is not None and self.rows == S * self.uniform_cap:
+            cap = self.uniform_cap
             row_index = (torch.arange(S, device=self.device) * cap).view(-1, 1) + slot.view(1, -1)
             keys = self.keys.view(S, cap, d)[:, :max_len]
             values = self.values.view(S, cap, d)[:, :max_len]
@@ -194,6 +229,8 @@ class LayerStore:
             positions=positions.reshape(B, H, max_len),
             valid=valid.view(B, H, max_len),
             row_index=row_index.view(B, H, max_len),
+            no_empty_slots=self.equal_lengths,
+            heads_aligned=self.heads_aligned,
         )
 
     def gather_stat(self, name: str, view: PaddedView) -> torch.Tensor:

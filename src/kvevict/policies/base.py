@@ -109,7 +109,7 @@ class Policy:
         if self._cache is not None and self._cache is not cache:
             raise ValueError(f"this {self.name} policy already configures another cache; make a new policy per cache")
         self._cache = cache
-        self._queries: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._queries: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
         """Called with the hidden states entering each attention module (before q/k/v). Gates use it."""
@@ -135,18 +135,28 @@ class Policy:
 
     # ------------------------------------------------------------------ recent queries
     def _buffer_queries(self, layer_idx: int, ctx: LayerContext) -> None:
+        """Keep the last `query_window` queries of the layer (chunks, joined lazily at scoring time)."""
         w = self.query_window
-        q, pos, ok = ctx.queries[..., -w:, :], ctx.query_positions[-w:], ctx.query_valid[:, -w:]
-        if layer_idx in self._queries and q.shape[-2] < w:
-            old_q, old_pos, old_ok = self._queries[layer_idx]
-            q = torch.cat([old_q, q], dim=-2)[..., -w:, :]
-            pos = torch.cat([old_pos, pos])[-w:]
-            ok = torch.cat([old_ok, ok], dim=1)[:, -w:]
-        self._queries[layer_idx] = (q.detach(), pos, ok)
+        chunks = self._queries.setdefault(layer_idx, [])
+        # clone: a slice would keep the whole prompt's query tensor alive
+        chunks.append((ctx.queries[..., -w:, :].detach().clone(), ctx.query_positions[-w:].clone(),
+                       ctx.query_valid[:, -w:].clone()))
+        while len(chunks) > 1 and sum(c[1].numel() for c in chunks[1:]) >= w:
+            chunks.pop(0)
+
+    def recent_queries(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The buffered queries [B, H, G, w, d], their positions [w] and validity [B, w]."""
+        chunks = self._queries[layer_idx]
+        if len(chunks) > 1:
+            w = self.query_window
+            joined = (torch.cat([c[0] for c in chunks], dim=-2)[..., -w:, :], torch.cat([c[1] for c in chunks])[-w:],
+                      torch.cat([c[2] for c in chunks], dim=1)[:, -w:])
+            self._queries[layer_idx] = [joined]
+        return self._queries[layer_idx][0]
 
     def recent_attention(self, layer_idx: int, ctx: LayerContext, scale: float | None = None) -> torch.Tensor:
         """Attention of the buffered recent queries over the kept keys: [B, H, G, w, L] (0 for padding queries)."""
-        q, pos, ok = self._queries[layer_idx]
+        q, pos, ok = self.recent_queries(layer_idx)
         probs = attention_probs(
             q, ctx.view.keys, pos, ctx.view.positions, ctx.scaling if scale is None else scale,
             sliding_window=ctx.sliding_window,
