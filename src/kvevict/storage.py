@@ -10,7 +10,8 @@ Layout ("varlen", as in flash-attention's varlen kernels): every (batch row, KV 
     seg_len        [S] int64          rows in use
     seg_cap        [S] int64          rows reserved
 
-Rows inside a segment are ordered by position. Each segment holds exactly what its head keeps, so heads
+One extra *sentinel* row at the very end (zero K/V, position -1) is what empty slots of a padded view point
+at, so gathers need no masking. Rows inside a segment are ordered by position. Each segment holds exactly what its head keeps, so heads
 with different budgets cost different amounts of memory. Shapes only change when a segment runs out of
 room or an eviction resizes the layer; between those events appends write in place, which is what a
 CUDA-graph-captured decode step needs (lengths live in tensors, never in Python ints).
@@ -47,9 +48,10 @@ class LayerStore:
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         self.dtype, self.device = dtype, device
         segments = batch * heads
-        self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)
-        self.values = torch.empty(0, head_dim, dtype=dtype, device=device)
-        self.positions = torch.empty(0, dtype=torch.int32, device=device)
+        self.keys = torch.zeros(1, head_dim, dtype=dtype, device=device)  # just the sentinel row
+        self.values = torch.zeros(1, head_dim, dtype=dtype, device=device)
+        self.positions = torch.full((1,), -1, dtype=torch.int32, device=device)
+        self._slot_rows: torch.Tensor | None = None  # [S, max capacity] row behind each slot (sentinel past capacity)
         self.stats: dict[str, torch.Tensor] = {}
         self.seg_start = torch.zeros(segments, dtype=torch.long, device=device)
         self.seg_len = torch.zeros(segments, dtype=torch.long, device=device)
@@ -72,7 +74,8 @@ class LayerStore:
     # ----------------------------------------------------------------- accounting
     @property
     def rows(self) -> int:
-        return self.keys.shape[0]
+        """Rows allocated to segments (the sentinel row excluded)."""
+        return self.keys.shape[0] - 1
 
     def nbytes(self) -> int:
         """Bytes held by this layer: K/V rows (free slots included) plus per-row metadata."""
@@ -96,9 +99,9 @@ class LayerStore:
     def _relayout(self, src_rows: torch.Tensor, new_len: torch.Tensor, new_cap: torch.Tensor) -> None:
         """Move `src_rows` (grouped by segment, new_len[s] rows each) into fresh segments of capacity new_cap."""
         new_start = torch.cumsum(new_cap, 0) - new_cap
-        total_rows = int(new_cap.sum())
+        total_rows = int(new_cap.sum()) + 1  # + the sentinel, which `fill` leaves as zero K/V and position -1
         dst_rows = self._segment_rows(new_start, new_len)
-        same_size = total_rows == self.rows
+        same_size = total_rows == self.keys.shape[0]
 
         def move(buffer: torch.Tensor, fill) -> torch.Tensor:
             moved = buffer.index_select(0, src_rows)
@@ -116,6 +119,7 @@ class LayerStore:
         self.positions = move(self.positions, -1)
         self.stats = {name: move(stat, 0.0) for name, stat in self.stats.items()}
         self.seg_start, self.seg_len, self.seg_cap = new_start, new_len.clone(), new_cap.clone()
+        self._slot_rows = None
         self._refresh_summaries()
 
     def reserve(self, extra: torch.Tensor, slack: int, extra_max: int | None = None) -> None:
@@ -199,7 +203,7 @@ class LayerStore:
     def stat_channel(self, name: str) -> torch.Tensor:
         """The per-row side channel `name`, created (zeros) on first use."""
         if name not in self.stats:
-            self.stats[name] = torch.zeros(self.rows, dtype=torch.float32, device=self.device)
+            self.stats[name] = torch.zeros(self.keys.shape[0], dtype=torch.float32, device=self.device)
         return self.stats[name]
 
     # ----------------------------------------------------------------- reads
@@ -208,21 +212,21 @@ class LayerStore:
         B, H, d = self.batch, self.heads, self.head_dim
         S = B * H
         max_len = self.max_len
-        slot = torch.arange(max_len, device=self.device)
-        valid = slot.view(1, -1) < self.seg_len.view(-1, 1)  # [S, L]
         if self.uniform_cap is not None and self.rows == S * self.uniform_cap:
             cap = self.uniform_cap
+            slot = torch.arange(max_len, device=self.device)
             row_index = (torch.arange(S, device=self.device) * cap).view(-1, 1) + slot.view(1, -1)
-            keys = self.keys.view(S, cap, d)[:, :max_len]
-            values = self.values.view(S, cap, d)[:, :max_len]
-            positions = self.positions.view(S, cap)[:, :max_len]  # free slots already hold -1
+            keys = self.keys[:-1].view(S, cap, d)[:, :max_len]
+            values = self.values[:-1].view(S, cap, d)[:, :max_len]
+            positions = self.positions[:-1].view(S, cap)[:, :max_len]  # free slots hold -1
         else:
-            row_index = torch.where(valid, self.seg_start.view(-1, 1) + slot.view(1, -1), 0)
-            if self.rows == 0:
-                row_index = torch.zeros_like(row_index)
-            keys = self.keys[row_index] if self.rows else self.keys.new_zeros(S, max_len, d)
-            values = self.values[row_index] if self.rows else self.values.new_zeros(S, max_len, d)
-            positions = torch.where(valid, self.positions[row_index], -1) if self.rows else row_index.int() - 1
+            if self._slot_rows is None:
+                slot = torch.arange(int(self.seg_cap.max()) if S else 0, device=self.device)
+                inside = slot.view(1, -1) < self.seg_cap.view(-1, 1)
+                self._slot_rows = torch.where(inside, self.seg_start.view(-1, 1) + slot.view(1, -1), self.rows)
+            row_index = self._slot_rows[:, :max_len]
+            keys, values, positions = self.keys[row_index], self.values[row_index], self.positions[row_index]
+        valid = positions >= 0
         return PaddedView(
             keys=keys.reshape(B, H, max_len, d),
             values=values.reshape(B, H, max_len, d),

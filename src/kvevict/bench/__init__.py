@@ -1,7 +1,9 @@
 """Speed and memory benchmark: prefill seconds, decode tokens/s, peak memory and KV bytes per configuration.
 
 Each configuration runs in a fresh Python process, so peak memory (CUDA: max allocated; CPU: peak RSS above
-the loaded model) belongs to that configuration alone. Results are printed as a table and written as JSON.
+the loaded model) belongs to that configuration alone. On CPU the worker sets glibc's MALLOC_MMAP_THRESHOLD_
+so that large freed blocks go back to the system and RSS follows live memory. Results are printed as a table
+and written as JSON.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def run(spec: BenchSpec, out: Path | None = None, progress: bool = True) -> dict
     for config in tqdm(spec.configs, desc="bench", disable=not progress):
         payload = json.dumps({"spec": asdict(spec), "config": config})
         proc = subprocess.run([sys.executable, "-m", "kvevict.bench", payload], capture_output=True, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"})
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark config {config['label']!r} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
