@@ -149,3 +149,25 @@ def test_answer_compresses_once_and_restores_between_questions(tok):
     again = kvevict.answer(model, tok, context, ["second one?"], policy=kvevict.make_policy(
         "snapkv", compression_ratio=0.5, window=4, observation_window=4), max_new_tokens=5)
     assert again[0] == answers[1]
+
+
+def test_fork_sizes_one_observed_prefill_like_separate_runs():
+    from kvevict.policies.base import ObserverSet
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch((60, 45))
+    names = ["snapkv", "h2o", "tova", "knorm"]
+    observed = kvevict.EvictingCache(model, ObserverSet([kvevict.make_policy(n) for n in names]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=observed)
+    for name in names:
+        for ratio in (0.5, 0.75):
+            fork = observed.fork(kvevict.make_policy(name, compression_ratio=ratio))
+            fork.evict()
+            direct = kvevict.EvictingCache(model, kvevict.make_policy(name, compression_ratio=ratio))
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, past_key_values=direct)
+            for layer in range(model.config.num_hidden_layers):
+                for row_f, row_d in zip(fork.kept_positions(layer), direct.kept_positions(layer)):
+                    assert all(torch.equal(a, b) for a, b in zip(row_f, row_d))
+    assert int(observed.kept_counts().min()) == 45  # the observed cache itself evicted nothing

@@ -82,6 +82,7 @@ def generate(
     tokenizer.padding_side = "left"
     texts = [_render(tokenizer, p, chat) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
+    policy.set_tokenizer(tokenizer)
     cache = EvictingCache(model, policy)
     if policy.prefill_chunk and enc.input_ids.shape[1] > 1:
         prefill(model, cache, enc.input_ids[:, :-1], enc.attention_mask[:, :-1], policy.prefill_chunk)
@@ -106,6 +107,7 @@ def compress_context(model, tokenizer, context: str, policy: Policy | None = Non
     cut = shell.index(context) + len(context)
     prefix = shell[:cut]
     context_ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=not chat).input_ids.to(model.device)
+    policy.set_tokenizer(tokenizer)
     cache = EvictingCache(model, policy)
     prefill(model, cache, context_ids, torch.ones_like(context_ids), policy.prefill_chunk)
 

@@ -17,6 +17,7 @@ never scored.
 from __future__ import annotations
 
 import contextvars
+import copy
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,11 +139,13 @@ class EvictingCache(Cache):
         self._steps_since_eviction = 0
         self._step: _Step | None = None
         self._warned_protected = False
+        self.model = model
         install(model)
         policy.bind(self)
 
     # ------------------------------------------------------------------ forward bracketing (called by hooks)
-    def begin_forward(self, batch: int, length: int, attention_mask: torch.Tensor | None, device) -> None:
+    def begin_forward(self, batch: int, length: int, attention_mask: torch.Tensor | None, device,
+                      input_ids: torch.Tensor | None = None) -> None:
         if self.batch is None:
             self.batch = batch
             self.tokens_seen = torch.zeros(batch, dtype=torch.long, device=device)
@@ -164,7 +167,7 @@ class EvictingCache(Cache):
         first_real = torch.where(valid.any(1), valid.float().argmax(1) + self.seen, -1)
         self.row_start = torch.where(self.row_start < 0, first_real, self.row_start)
         all_valid = attention_mask is None or bool(valid.all())
-        self._step = _Step(length=length, positions=positions, valid=valid, all_valid=all_valid)
+        self._step = _Step(length=length, positions=positions, valid=valid, all_valid=all_valid, input_ids=input_ids)
         for layer in self.layers:
             layer.attended = False
 
@@ -206,7 +209,9 @@ class EvictingCache(Cache):
         slack = 0 if step.length > 1 else (self.policy.decode_interval or 128)
         if layer.is_sliding:
             slack = _SLIDING_SLACK if step.length == 1 else 0
-        layer.store.append(key_states, value_states, step.positions, step.valid, slack, all_valid=step.all_valid)
+        stats = None if self.frozen or layer.is_sliding else self.policy.initial_stats(layer_idx, step.input_ids, step.positions)
+        layer.store.append(key_states, value_states, step.positions, step.valid, slack, stats=stats,
+                           all_valid=step.all_valid)
         layer.current_view = layer.store.view()
         return layer.current_view.keys, layer.current_view.values
 
@@ -254,7 +259,7 @@ class EvictingCache(Cache):
             sliding_window=layer.sliding_window, visible=visible, softcap=softcap,
             heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots,
         )
-        if ctx is not None and self.policy.evicts:
+        if ctx is not None and self.policy.observes:
             B, Hq, T, d = query.shape
             H = key.shape[1]
             ctx.queries = query.reshape(B, H, Hq // H, T, d)
@@ -311,6 +316,30 @@ class EvictingCache(Cache):
                 f"tokens per head instead of {targets.tolist()}",
                 stacklevel=3,
             )
+
+    def fork(self, policy: Policy) -> EvictingCache:
+        """A copy of this cache that `policy` will manage, with what this cache's policy observed so far.
+
+        With an `ObserverSet` as this cache's policy, one prefill can be sized by several policies and ratios:
+        `cache.fork(make_policy("snapkv", compression_ratio=r)).evict()` for each r.
+        """
+        from .policies.base import ObserverSet
+
+        if self._step is not None:
+            raise RuntimeError("cannot fork a cache in the middle of a forward")
+        twin = EvictingCache(self.model, policy)
+        source = self.policy.member_like(policy) if isinstance(self.policy, ObserverSet) else self.policy
+        if policy.observes and source is not policy:
+            policy.copy_observations(source)
+        twin.batch, twin.seen = self.batch, self.seen
+        twin.tokens_seen = None if self.tokens_seen is None else self.tokens_seen.clone()
+        twin.row_start = None if self.row_start is None else self.row_start.clone()
+        for mine, theirs in zip(self.layers, twin.layers):
+            theirs.scaling = mine.scaling
+            if mine.store is not None:
+                theirs.store = copy.deepcopy(mine.store)
+                theirs.is_initialized = True
+        return twin
 
     # ------------------------------------------------------------------ freezing (compress once, ask many)
     @contextmanager
@@ -397,6 +426,7 @@ class _Step:
     positions: torch.Tensor  # [T]
     valid: torch.Tensor  # [B, T]
     all_valid: bool  # no padding among the new tokens
+    input_ids: torch.Tensor | None = None  # [B, T] when the forward got token ids
 
 
 # ---------------------------------------------------------------------------------------------- hooks
@@ -448,7 +478,8 @@ def install(model: torch.nn.Module) -> None:
             x = args[0]
         if x is None:
             raise ValueError("EvictingCache needs input_ids or inputs_embeds passed to the model")
-        cache.begin_forward(x.shape[0], x.shape[1], kwargs.get("attention_mask"), x.device)
+        ids = x if x.dim() == 2 and not x.is_floating_point() else None
+        cache.begin_forward(x.shape[0], x.shape[1], kwargs.get("attention_mask"), x.device, input_ids=ids)
         cache._token = _ACTIVE.set(cache)
 
     def after(module, args, kwargs, output):

@@ -12,6 +12,7 @@ A policy is a dataclass of the method's parameters. The cache calls it at three 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
@@ -57,6 +58,15 @@ class Policy:
     decode_interval: int | None = 128
 
     name: ClassVar[str] = "base"
+    # Whether the policy reads token ids (e.g. FastGen's special/punctuation tokens): generate() and answer()
+    # hand it the tokenizer through `set_tokenizer`.
+    needs_tokenizer: ClassVar[bool] = False
+    # Attributes holding observations (besides the recent-query buffer) that `copy_observations` carries over.
+    observed_state: ClassVar[tuple[str, ...]] = ()
+    # Parameters that only size or time the eviction; policies differing in these alone observe the same things.
+    SIZING_PARAMS: ClassVar[frozenset[str]] = frozenset(
+        {"compression_ratio", "budget", "allocation", "head_floor", "prefill_chunk", "decode_interval"}
+    )
     # How many of the most recent queries per layer `score` wants to see (SnapKV's observation window).
     query_window: ClassVar[int] = 0
     # Whether `observe` needs the attention probabilities (costs an extra pass over the keys).
@@ -110,6 +120,31 @@ class Policy:
             raise ValueError(f"this {self.name} policy already configures another cache; make a new policy per cache")
         self._cache = cache
         self._queries: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    @property
+    def observes(self) -> bool:
+        """Whether the cache must call `observe` (by default only when something will be evicted)."""
+        return self.evicts
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Give a policy that reads token ids its tokenizer (called by generate()/answer())."""
+
+    def initial_stats(self, layer_idx: int, input_ids: torch.Tensor | None, positions: torch.Tensor) -> dict | None:
+        """Per-row side-channel values for the new tokens of a layer, {name: [B, H, T]}, stored with the rows."""
+        return None
+
+    def observation_key(self) -> tuple:
+        """Policies with equal keys observe the same things during a forward (they differ only in sizing)."""
+        params = {k: v for k, v in self.params().items() if k not in self.SIZING_PARAMS}
+        return (type(self), tuple(sorted((k, repr(v)) for k, v in params.items())))
+
+    def copy_observations(self, source: Policy) -> None:
+        """Take over what `source` (same observation_key) observed, e.g. to size one prefill several ways."""
+        if source.observation_key() != self.observation_key():
+            raise ValueError(f"cannot copy observations of {source.describe()} into {self.describe()}")
+        self._queries = {layer: list(chunks) for layer, chunks in source._queries.items()}
+        for name in self.observed_state:
+            setattr(self, name, copy.deepcopy(getattr(source, name)))
 
     def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
         """Called with the hidden states entering each attention module (before q/k/v). Gates use it."""
@@ -264,3 +299,57 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or (isinstance(value, float) and math.isnan(value)):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+class ObserverSet(Policy):
+    """Runs the observations of several policies in one forward and evicts nothing.
+
+    `EvictingCache.fork(policy)` then sizes the observed prefill for any member-like policy, so a sweep over
+    policies and ratios prefills each context once.
+    """
+
+    name = "observer-set"
+
+    def __init__(self, policies: list[Policy]):
+        super().__init__()
+        self.members: dict[tuple, Policy] = {}
+        for policy in policies:
+            self.members.setdefault(policy.observation_key(), policy)
+
+    @property
+    def observes(self) -> bool:
+        return True
+
+    def bind(self, cache) -> None:
+        super().bind(cache)
+        for member in self.members.values():
+            member._cache = None
+            member.bind(cache)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        for member in self.members.values():
+            member.set_tokenizer(tokenizer)
+
+    def wants_layer_input(self) -> bool:
+        return any(m.wants_layer_input() for m in self.members.values())
+
+    def on_layer_input(self, layer_idx, hidden_states) -> None:
+        for member in self.members.values():
+            if member.wants_layer_input():
+                member.on_layer_input(layer_idx, hidden_states)
+
+    def initial_stats(self, layer_idx, input_ids, positions):
+        merged = {}
+        for member in self.members.values():
+            merged.update(member.initial_stats(layer_idx, input_ids, positions) or {})
+        return merged or None
+
+    def observe(self, layer_idx, ctx) -> None:
+        for member in self.members.values():
+            member.observe(layer_idx, ctx)
+
+    def member_like(self, policy: Policy) -> Policy:
+        key = policy.observation_key()
+        if key not in self.members:
+            raise ValueError(f"{policy.describe()} was not among the observed policies")
+        return self.members[key]
