@@ -24,6 +24,8 @@ def _policy_from_args(args):
         params["budget"] = args.budget
     if args.allocation is not None:
         params["allocation"] = args.allocation
+    if getattr(args, "recovery", None) is not None:
+        params["recovery"] = args.recovery
     return make_policy(args.policy, **params)
 
 
@@ -88,10 +90,35 @@ def cmd_bench(args) -> None:
     run(spec, out=Path(args.out) if args.out else None)
 
 
-def cmd_policies(args) -> None:
-    from .policies import POLICIES
+def cmd_profile(args) -> None:
+    """Run a policy's own profiling report (policies that define `profile(...)` in their module)."""
+    import importlib
 
-    for name, cls in sorted(POLICIES.items()):
+    from .data import haystack
+    from .policies import list_policies, policy_class
+
+    policy = _policy_from_args(args)
+    module = importlib.import_module(type(policy).__module__)
+    if not hasattr(module, "profile"):
+        with_report = [n for n in list_policies() if hasattr(importlib.import_module(policy_class(n).__module__), "profile")]
+        raise SystemExit(f"policy {policy.name!r} has no profiling report; these do: {', '.join(with_report) or 'none'}")
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    else:
+        prompt = haystack(tok, args.context_tokens)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(module.profile(model, tok, prompt, policy, out_dir))
+
+
+def cmd_policies(args) -> None:
+    from .policies import list_policies, policy_class
+
+    for name in list_policies():
+        cls = policy_class(name)
         doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:<14} {doc}")
 
@@ -130,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="JSON file for the results")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="a policy's profiling report (FastGen head policies, AhaKV position bias)")
+    p.add_argument("--model", default="smollm2-135m")
+    _add_policy_args(p, default_policy="fastgen")
+    p.add_argument("--recovery", type=float, help="FastGen's attention recovery threshold T")
+    p.add_argument("--prompt-file", help="prompt to profile on (default: --context-tokens of essays)")
+    p.add_argument("--context-tokens", type=int, default=4000)
+    p.add_argument("--out", default="runs/profile", help="folder for the report's pictures")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(func=cmd_policies)

@@ -1,9 +1,8 @@
 """Speed and memory benchmark: prefill seconds, decode tokens/s, peak memory and KV bytes per configuration.
 
-Each configuration runs in a fresh Python process, so peak memory (CUDA: max allocated; CPU: peak RSS above
-the loaded model) belongs to that configuration alone. On CPU the worker sets glibc's MALLOC_MMAP_THRESHOLD_
-so that large freed blocks go back to the system and RSS follows live memory. Results are printed as a table
-and written as JSON.
+Each configuration runs in a fresh Python process, so peak memory belongs to that configuration alone (CUDA:
+max allocated; CPU: the peak resident set size above what the loaded model holds, with the kernel's peak counter
+reset once the model is loaded). Results are printed as a table and written as JSON.
 """
 
 from __future__ import annotations
@@ -53,9 +52,20 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    """Peak RSS since the last `_reset_peak_rss()` (Linux VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS counter (VmHWM), Linux >= 4.0
+    except OSError:
+        pass
 
 
 def load_bench_model(name: str, dtype: str, device: str):
@@ -107,6 +117,8 @@ def run_one(spec: BenchSpec, config: dict) -> dict:
     baseline_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     with torch.no_grad():
         sync()
         start = time.perf_counter()
@@ -160,7 +172,7 @@ def run(spec: BenchSpec, out: Path | None = None, progress: bool = True) -> dict
     for config in tqdm(spec.configs, desc="bench", disable=not progress):
         payload = json.dumps({"spec": asdict(spec), "config": config})
         proc = subprocess.run([sys.executable, "-m", "kvevict.bench", payload], capture_output=True, text=True,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"})
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark config {config['label']!r} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
