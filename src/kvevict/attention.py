@@ -68,6 +68,9 @@ def accumulated_attention(
     Computed in blocks of query rows so a long prompt never materialises its full attention map.
     """
     B, H, G, T, _ = queries.shape
+    fast = _column_sums_flash(queries, keys, query_positions, key_positions, scale, query_weight, sliding_window, visible)
+    if fast is not None:
+        return fast
     total = keys.new_zeros(B, H, keys.shape[2], dtype=torch.float32)
     for start in range(0, T, _QUERY_BLOCK):
         stop = min(T, start + _QUERY_BLOCK)
@@ -76,6 +79,49 @@ def accumulated_attention(
         )
         total += torch.einsum("bhgtl,bt->bhl", probs, query_weight[:, start:stop].float())
     return total
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """log-sum-exp of scale * q.k per query row, [B, N, T], from the fused CPU kernel (no T x L map is stored)."""
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, causal, scale=scale)
+    return lse
+
+
+def _column_sums_flash(queries, keys, query_positions, key_positions, scale, query_weight, sliding_window, visible):
+    """Column sums of the attention map without materialising it, or None where this shortcut does not apply.
+
+    sum_t w_t softmax_t(j) = sum_t exp(s * q_t.k_j - lse_t + log w_t): first the row log-sum-exps lse_t, then a
+    second fused pass where the keys act as queries over the queries, the per-row bias riding in one extra
+    dimension (q' = [s * q, log w - lse], k' = [k, 1]); its log-sum-exp is the log of each column sum. Applies on
+    CPU to the common layout: every head keeps the same keys, the older ones all visible to every new query, the
+    newest being the queries themselves (a fresh prefill or a later chunk), no sliding window, no hidden keys.
+    """
+    if queries.device.type != "cpu" or sliding_window is not None or visible is not None:
+        return None
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return None
+    B, H, G, T, d = queries.shape
+    L = keys.shape[2]
+    past = L - T
+    kpos = key_positions[:, :1]
+    if past < 0 or not bool((key_positions == kpos).all()):
+        return None
+    if not bool((kpos[..., past:] == query_positions).all()) or (past and not bool((kpos[..., :past] >= 0).all())):
+        return None
+    if past and int(kpos[..., :past].max()) >= int(query_positions.min()):
+        return None
+    q = queries.float().reshape(B, H * G, T, d)
+    k = keys.float().repeat_interleave(G, dim=1)  # [B, H*G, L, d]
+    lse = _flash_lse(q, k[:, :, past:], True, scale)
+    if past:
+        lse = torch.logaddexp(lse, _flash_lse(q, k[:, :, :past], False, scale))
+    bias = torch.log(query_weight.float().clamp(min=1e-30)).view(B, 1, T) - lse  # padding queries weigh nothing
+    q_aug = torch.cat([q * scale, bias.unsqueeze(-1)], dim=-1)  # [B, HG, T, d+1]
+    k_aug = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1)  # [B, HG, L, d+1]
+    # newest keys: key j collects from queries t >= j (anti-causal), i.e. causal once both are reversed
+    new_cols = _flash_lse(k_aug[:, :, past:].flip(2), q_aug.flip(2), True, 1.0).flip(-1)
+    cols = new_cols if not past else torch.cat([_flash_lse(k_aug[:, :, :past], q_aug, False, 1.0), new_cols], dim=-1)
+    return cols.exp().view(B, H, G, L).sum(2)
 
 
 def evicted_attention(
