@@ -95,26 +95,38 @@ def generate(
     return (decoded, cache) if return_cache else decoded
 
 
+def encode_context_question(tokenizer, context: str, question: str, chat_template: bool | None = None,
+                            question_template: str = QUESTION_TEMPLATE, answer_prefix: str = ""):
+    """Token ids of the prompt split where the context ends: (context_ids, question_ids), lists of ints.
+
+    The context part does not depend on the question, so a context compressed once serves every question.
+    `answer_prefix` is appended after the question (after the chat template's assistant turn when there is one).
+    """
+    chat = _use_chat(tokenizer, chat_template)
+    full = _render(tokenizer, context + question_template.format(question=question), chat)
+    if answer_prefix:
+        full = full + (answer_prefix if chat else " " + answer_prefix)
+    cut = full.index(context) + len(context)
+    context_ids = tokenizer(full[:cut], add_special_tokens=not chat).input_ids
+    question_ids = tokenizer(full[cut:], add_special_tokens=False).input_ids
+    return context_ids, question_ids
+
+
 def compress_context(model, tokenizer, context: str, policy: Policy | None = None, chat_template: bool | None = None,
                      question_template: str = QUESTION_TEMPLATE):
     """Prefill and compress `context` alone (query-agnostic). Returns (cache, context_ids, render) where
     render(question) gives the token ids that follow the context for that question."""
     context = _check_texts("context", context)[0]
     policy = make_policy("full") if policy is None else policy
-    chat = _use_chat(tokenizer, chat_template)
-    marker = "\x00QUESTION\x00"
-    shell = _render(tokenizer, context + question_template.format(question=marker), chat)
-    cut = shell.index(context) + len(context)
-    prefix = shell[:cut]
-    context_ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=not chat).input_ids.to(model.device)
+    ids, _ = encode_context_question(tokenizer, context, "?", chat_template, question_template)
+    context_ids = torch.tensor([ids], device=model.device)
     policy.set_tokenizer(tokenizer)
     cache = EvictingCache(model, policy)
     prefill(model, cache, context_ids, torch.ones_like(context_ids), policy.prefill_chunk)
 
     def render(question: str) -> torch.Tensor:
-        full = _render(tokenizer, context + question_template.format(question=question), chat)
-        suffix = full[cut:]
-        return tokenizer(suffix, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+        _, question_ids = encode_context_question(tokenizer, context, question, chat_template, question_template)
+        return torch.tensor([question_ids], device=model.device)
 
     return cache, context_ids, render
 

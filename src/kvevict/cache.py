@@ -328,9 +328,10 @@ class EvictingCache(Cache):
         if self._step is not None:
             raise RuntimeError("cannot fork a cache in the middle of a forward")
         twin = EvictingCache(self.model, policy)
-        source = self.policy.member_like(policy) if isinstance(self.policy, ObserverSet) else self.policy
-        if policy.observes and source is not policy:
-            policy.copy_observations(source)
+        if policy.observes:
+            source = self.policy.member_like(policy) if isinstance(self.policy, ObserverSet) else self.policy
+            if source is not policy:
+                policy.copy_observations(source)
         twin.batch, twin.seen = self.batch, self.seen
         twin.tokens_seen = None if self.tokens_seen is None else self.tokens_seen.clone()
         twin.row_start = None if self.row_start is None else self.row_start.clone()
@@ -354,7 +355,8 @@ class EvictingCache(Cache):
             self.seen,
             self.tokens_seen.clone() if self.tokens_seen is not None else None,
             self.row_start.clone() if self.row_start is not None else None,
-            [layer.store.seg_len.clone() if layer.store is not None else None for layer in self.layers],
+            [(layer.store.seg_len.clone(), layer.store.seg_cap.clone()) if layer.store is not None else None
+             for layer in self.layers],
         )
         self.frozen = True
         try:
@@ -369,7 +371,7 @@ class EvictingCache(Cache):
                     layer.store = None
                     layer.is_initialized = False
                 else:
-                    layer.store.truncate(length)
+                    layer.store.truncate(*length)
 
     # ------------------------------------------------------------------ inspection
     def nbytes(self) -> int:

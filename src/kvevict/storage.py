@@ -143,12 +143,15 @@ class LayerStore:
         self._relayout(src_rows, new_len, new_len + slack)
         self.heads_aligned = aligned
 
-    def truncate(self, lengths: torch.Tensor) -> None:
-        """Forget every row past lengths[s] in each segment (rows appended after a snapshot)."""
+    def truncate(self, lengths: torch.Tensor, capacity: torch.Tensor | None = None) -> None:
+        """Forget every row past lengths[s] in each segment (rows appended after a snapshot); with `capacity`,
+        give back the room those rows had grown the segments by."""
         gone = self._segment_rows(self.seg_start + lengths, self.seg_len - lengths)
         self.positions.index_fill_(0, gone, -1)
         self.seg_len = lengths.clone()
         self._refresh_summaries()
+        if capacity is not None and not torch.equal(capacity, self.seg_cap):
+            self._relayout(self._segment_rows(self.seg_start, self.seg_len), self.seg_len, capacity)
 
     # ----------------------------------------------------------------- writes
     def append(

@@ -61,6 +61,9 @@ class Policy:
     # Whether the policy reads token ids (e.g. FastGen's special/punctuation tokens): generate() and answer()
     # hand it the tokenizer through `set_tokenizer`.
     needs_tokenizer: ClassVar[bool] = False
+    # Whether the policy changes the forward pass itself (in-context eviction); such a policy cannot share a
+    # prefill with others (see EvictingCache.fork).
+    alters_forward: ClassVar[bool] = False
     # Attributes holding observations (besides the recent-query buffer) that `copy_observations` carries over.
     observed_state: ClassVar[tuple[str, ...]] = ()
     # Parameters that only size or time the eviction; policies differing in these alone observe the same things.

@@ -1,0 +1,342 @@
+"""The evaluation sweep: policies x ratios x tasks on one model, resumable, with per-run files and a summary.
+
+Layout of `out`:
+    runs/<task>/<policy>-r<ratio>/{predictions.csv, metrics.json, config.json}
+    summary.csv, summary.md, score_vs_ratio.png
+
+Each sample's context is prefilled once for all runs that can share it: the prefill observes for every policy
+(an ObserverSet), then each (policy, ratio) forks that cache, evicts, and answers. A run whose policy changes
+the forward itself or prefills in chunks gets its own prefill. Ratio 0 is one shared `full` run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..api import encode_context_question, prefill
+from ..cache import EvictingCache
+from ..policies import make_policy
+from ..policies.base import ObserverSet, Policy
+from . import metrics as M
+from .tasks import QA_TASKS, Sample, check_task, make_samples
+
+MAX_NEW_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 32,
+                  "cwe": 64, "qa": 24}
+LONGGEN_DECODE_INTERVAL = 32  # longgen evicts while decoding every this many tokens unless a policy says otherwise
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    policies: list[str]
+    ratios: list[float]
+    tasks: list[str]
+    context_length: int = 4096
+    samples: int = 20
+    seed: int = 0
+    out: str = "runs/eval"
+    policy_args: dict = field(default_factory=dict)  # for every policy, or {policy name: {...}}
+    query_aware: bool = False
+    dtype: str = "float32"
+    max_new_tokens: int | None = None  # default: per task (MAX_NEW_TOKENS)
+    continuation: int = 64  # fidelity: teacher-forced tokens
+    longgen_tokens: int = 256
+    chat_template: bool | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    policy: str
+    ratio: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy}-r{self.ratio:g}"
+
+
+def policy_params(cfg: EvalConfig, name: str, ratio: float, task: str) -> dict:
+    args = cfg.policy_args
+    per_policy = any(isinstance(v, dict) for v in args.values())
+    params = dict(args.get(name, {}) if per_policy else args)
+    if name != "full":
+        params["compression_ratio"] = ratio
+    if task == "longgen" and name != "full":
+        params.setdefault("decode_interval", LONGGEN_DECODE_INTERVAL)
+    return params
+
+
+def build_policy(cfg: EvalConfig, run: Run) -> Policy:
+    return make_policy(run.policy, **policy_params(cfg, run.policy, run.ratio, run.task))
+
+
+def plan_runs(cfg: EvalConfig) -> list[Run]:
+    runs = []
+    for task in cfg.tasks:
+        if 0 in cfg.ratios or 0.0 in cfg.ratios:
+            runs.append(Run(task, "full", 0.0))
+        for name in cfg.policies:
+            if name == "full":
+                continue
+            runs.extend(Run(task, name, float(r)) for r in cfg.ratios if r > 0)
+    return runs
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Check everything that can be checked before loading a model; raise ValueError naming the parameter."""
+    from ..models import context_window
+
+    if not cfg.tasks:
+        raise ValueError("tasks: give at least one")
+    for task in cfg.tasks:
+        check_task(task)
+    if not cfg.ratios:
+        raise ValueError("ratios: give at least one")
+    for r in cfg.ratios:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"ratios must be in [0, 1), got {r}")
+    if cfg.samples < 1:
+        raise ValueError(f"samples must be >= 1, got {cfg.samples}")
+    if cfg.context_length < 256:
+        raise ValueError(f"context_length must be >= 256 tokens, got {cfg.context_length}")
+    if "fidelity" in cfg.tasks and not 0 < cfg.continuation < cfg.context_length // 2:
+        raise ValueError(f"continuation must be in (0, context_length / 2), got {cfg.continuation}")
+    for run in plan_runs(cfg):
+        build_policy(cfg, run)  # unknown names and bad parameters fail here
+    window = context_window(cfg.model)
+    needed = cfg.context_length + 300 + (cfg.longgen_tokens if "longgen" in cfg.tasks else 0)
+    if window is not None and needed > window:
+        raise ValueError(
+            f"context_length={cfg.context_length} (+ question and answer, {needed} tokens) exceeds the context window "
+            f"of {cfg.model} ({window} tokens)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- one sample
+def _ids(ids, device) -> torch.Tensor:
+    return torch.tensor([list(ids)], device=device)
+
+
+def _sizes(cache: EvictingCache) -> dict:
+    return {"kv_bytes": cache.nbytes(), "full_bytes": cache.full_nbytes()}
+
+
+def _greedy(model, tok, cache, ids: torch.Tensor, max_new_tokens: int, frozen: bool) -> list[int]:
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        if frozen:
+            with cache.frozen_tokens():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _teacher_forced_logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), cache.frozen_tokens():
+        return model(input_ids=ids, attention_mask=torch.ones(1, cache.seen + ids.shape[1], dtype=torch.long,
+                                                                 device=ids.device), past_key_values=cache).logits[0]
+
+
+class SampleEvaluator:
+    """Runs one sample through every pending run of a task."""
+
+    def __init__(self, model, tok, cfg: EvalConfig, runs: list[Run]):
+        self.model, self.tok, self.cfg, self.runs = model, tok, cfg, runs
+        self.device = model.device
+
+    def _caches(self, prefix: torch.Tensor):
+        """Yield (run, compressed cache) for every run; shared prefill where possible."""
+        policies = {run: build_policy(self.cfg, run) for run in self.runs}
+        for p in policies.values():
+            p.set_tokenizer(self.tok)
+        shared = [r for r, p in policies.items() if not p.prefill_chunk and not type(p).alters_forward]
+        observed = None
+        if shared:
+            observers = [build_policy(self.cfg, r) for r in shared if policies[r].observes]  # own instances
+            observed = EvictingCache(self.model, ObserverSet(observers))
+            observed.policy.set_tokenizer(self.tok)
+            prefill(self.model, observed, prefix, torch.ones_like(prefix), None)
+        for run, policy in policies.items():
+            if run in shared:
+                cache = observed.fork(policy)
+                if policy.evicts:
+                    cache.evict()
+            else:
+                cache = EvictingCache(self.model, policy)
+                prefill(self.model, cache, prefix, torch.ones_like(prefix), policy.prefill_chunk)
+            yield run, cache
+
+    def qa(self, sample: Sample) -> dict[Run, dict]:
+        ctx, question = encode_context_question(self.tok, sample.context, sample.question, self.cfg.chat_template,
+                                                answer_prefix=sample.answer_prefix)
+        full = _ids(ctx + question, self.device)
+        # query-agnostic: compress the context alone; query-aware: everything but the last token
+        prefix = _ids(ctx, self.device) if not self.cfg.query_aware else full[:, :-1]
+        max_new = self.cfg.max_new_tokens or MAX_NEW_TOKENS[sample.task]
+        rows = {}
+        for run, cache in self._caches(prefix):
+            sizes = _sizes(cache)
+            out = _greedy(self.model, self.tok, cache, full, max_new, frozen=not self.cfg.query_aware)
+            prediction = self.tok.decode(out, skip_special_tokens=True)
+            score = M.string_match(prediction, sample.references, sample.match)
+            rows[run] = {"score": score, "prediction": prediction, "references": " | ".join(sample.references), **sizes}
+        return rows
+
+    def fidelity(self, sample: Sample) -> dict[Run, dict]:
+        ctx, cont = sample.context_ids, sample.continuation_ids
+        prefix = _ids(ctx[:-1], self.device)
+        forced = _ids(ctx[-1:] + cont[:-1], self.device)
+        targets = torch.tensor(cont, device=self.device)
+        reference = None
+        results = {}
+        for run, cache in self._caches(prefix):
+            sizes = _sizes(cache)
+            logits = _teacher_forced_logits(self.model, cache, forced)
+            results[run] = (logits, sizes)
+            if run.policy == "full":
+                reference = logits
+        if reference is None:  # no ratio-0 run in this sweep: compute the full-cache reference once
+            cache = EvictingCache(self.model, make_policy("full"))
+            prefill(self.model, cache, prefix, torch.ones_like(prefix), None)
+            reference = _teacher_forced_logits(self.model, cache, forced)
+        rows = {}
+        for run, (logits, sizes) in results.items():
+            m = M.fidelity_metrics(reference, logits, targets)
+            rows[run] = {**m, "prediction": "", "references": "", **sizes}
+        return rows
+
+    def longgen(self, sample: Sample) -> dict[Run, dict]:
+        prompt = sample.context_ids
+        ids = _ids(prompt, self.device)
+        prefix = ids[:, :-1]
+        new_tokens = sample.meta["new_tokens"]
+        outputs, sizes = {}, {}
+        for run, cache in self._caches(prefix):
+            outputs[run] = _greedy(self.model, self.tok, cache, ids, new_tokens, frozen=False)
+            sizes[run] = _sizes(cache)  # at the end of generation: decoding evicted too
+        full_run = next((r for r in outputs if r.policy == "full"), None)
+        reference = outputs[full_run] if full_run else self._full_generation(ids, new_tokens)
+        judge = EvictingCache(self.model, make_policy("full"))
+        prefill(self.model, judge, prefix, torch.ones_like(prefix), None)
+        rows = {}
+        for run, out in outputs.items():
+            agreement = M.generation_agreement(reference, out)
+            forced = _ids(prompt[-1:] + out[:-1], self.device)
+            logits = _teacher_forced_logits(self.model, judge, forced)
+            nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(out, device=self.device)).item()
+            rows[run] = {**agreement, "ppl_full_model": float(torch.tensor(nll).exp()),
+                         "prediction": self.tok.decode(out, skip_special_tokens=True), "references": "", **sizes[run]}
+        return rows
+
+    def _full_generation(self, ids, new_tokens):
+        cache = EvictingCache(self.model, make_policy("full"))
+        prefill(self.model, cache, ids[:, :-1], torch.ones_like(ids[:, :-1]), None)
+        return _greedy(self.model, self.tok, cache, ids, new_tokens, frozen=False)
+
+    def __call__(self, sample: Sample) -> dict[Run, dict]:
+        if sample.task in QA_TASKS:
+            return self.qa(sample)
+        if sample.task == "fidelity":
+            return self.fidelity(sample)
+        return self.longgen(sample)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def run_dir(out: Path, run: Run) -> Path:
+    return out / "runs" / run.task / run.key
+
+
+def run_config(cfg: EvalConfig, run: Run) -> dict:
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("policies", "ratios", "tasks", "out")}
+    config.update(task=run.task, policy=run.policy, ratio=run.ratio,
+                  policy_params=policy_params(cfg, run.policy, run.ratio, run.task))
+    return json.loads(json.dumps(config))
+
+
+def is_done(out: Path, cfg: EvalConfig, run: Run) -> bool:
+    folder = run_dir(out, run)
+    if not (folder / "metrics.json").is_file() or not (folder / "config.json").is_file():
+        return False
+    return json.loads((folder / "config.json").read_text()) == run_config(cfg, run)
+
+
+def write_run(out: Path, cfg: EvalConfig, run: Run, rows: list[dict], seconds: float) -> dict:
+    folder = run_dir(out, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = ["index"] + sorted({k for row in rows for k in row if k != "index"})
+    with open(folder / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    numeric = [k for k in columns if k != "index" and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in numeric}
+    summary = {"task": run.task, "policy": run.policy, "ratio": run.ratio, "n": len(rows),
+               "score": M.primary_score(run.task, means), **{f"mean_{k}": v for k, v in means.items()},
+               "kv_fraction": sum(r["kv_bytes"] / max(1, r["full_bytes"]) for r in rows) / len(rows),
+               "seconds": seconds}
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (folder / "config.json").write_text(json.dumps(run_config(cfg, run), indent=2))
+    return summary
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict]:
+    """Run the sweep (skipping finished runs), write every file, return the summary rows."""
+    from tqdm import tqdm
+
+    validate(cfg)
+    out = Path(cfg.out)
+    runs = plan_runs(cfg)
+    pending = [r for r in runs if not is_done(out, cfg, r)]
+    if pending and model is None:
+        from ..models import load_model
+
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    if any(r.task == "qa" for r in pending):
+        from .qa_data import load_qa_pool
+
+        load_qa_pool(download=True)
+    for task in cfg.tasks:
+        todo = [r for r in pending if r.task == task]
+        if not todo:
+            continue
+        options = {}
+        if task == "fidelity":
+            options = {"continuation": cfg.continuation}
+        elif task == "longgen":
+            options = {"new_tokens": cfg.longgen_tokens}
+        samples = make_samples(task, tokenizer, cfg.context_length, cfg.samples, cfg.seed, **options)
+        evaluate = SampleEvaluator(model, tokenizer, cfg, todo)
+        rows: dict[Run, list[dict]] = {r: [] for r in todo}
+        start = time.perf_counter()
+        for sample in tqdm(samples, desc=f"{task} ({len(todo)} runs)", disable=not progress):
+            for run, row in evaluate(sample).items():
+                rows[run].append({"index": sample.index, **row})
+        seconds = (time.perf_counter() - start) / len(todo)
+        for run in todo:
+            write_run(out, cfg, run, rows[run], seconds)
+    return write_summary(out, cfg, runs)
+
+
+def write_summary(out: Path, cfg: EvalConfig, runs: list[Run]) -> list[dict]:
+    from .report import plot_scores, summary_table
+
+    summaries = [json.loads((run_dir(out, r) / "metrics.json").read_text()) for r in runs]
+    for s in summaries:
+        s["model"] = cfg.model
+    columns = ["model", "task", "policy", "ratio", "n", "score", "kv_fraction"] + sorted(
+        {k for s in summaries for k in s if k.startswith("mean_")})
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(summaries)
+    (out / "summary.md").write_text(summary_table(summaries, cfg))
+    plot_scores(summaries, cfg, out / "score_vs_ratio.png")
+    return summaries
