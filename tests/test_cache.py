@@ -171,3 +171,27 @@ def test_fork_sizes_one_observed_prefill_like_separate_runs():
                 for row_f, row_d in zip(fork.kept_positions(layer), direct.kept_positions(layer)):
                     assert all(torch.equal(a, b) for a, b in zip(row_f, row_d))
     assert int(observed.kept_counts().min()) == 45  # the observed cache itself evicted nothing
+
+
+def test_stacked_caches_answer_like_each_cache_alone():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch((50,), seed=4)
+    caches = []
+    for name, ratio in [("snapkv", 0.5), ("knorm", 0.75), ("full", 0.0)]:
+        cache = kvevict.EvictingCache(model, kvevict.make_policy(name, compression_ratio=ratio))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        caches.append(cache)
+    question = torch.randint(3, 300, (1, 5))
+    alone = []
+    for cache in caches:
+        with cache.frozen_tokens(), torch.no_grad():
+            alone.append(model(input_ids=question, attention_mask=torch.ones(1, 55, dtype=torch.long),
+                               past_key_values=cache).logits[0])
+    stacked = kvevict.EvictingCache.stack(caches)
+    assert torch.equal(stacked.kept_counts()[:, 1], caches[1].kept_counts()[:, 0])
+    with stacked.frozen_tokens(), torch.no_grad():
+        together = model(input_ids=question.expand(3, -1), attention_mask=torch.ones(3, 55, dtype=torch.long),
+                         past_key_values=stacked).logits
+    for row in range(3):
+        assert (together[row] - alone[row]).abs().max() <= 1e-4

@@ -342,6 +342,29 @@ class EvictingCache(Cache):
                 theirs.is_initialized = True
         return twin
 
+    @classmethod
+    def stack(cls, caches: list[EvictingCache]) -> EvictingCache:
+        """One cache whose batch rows are the rows of `caches` (same model, same positions seen), kept by the
+        `full` policy: e.g. several compressions of one context answering the same question in one batch."""
+        from .policies import make_policy
+
+        first = caches[0]
+        if any(c.model is not first.model or c.seen != first.seen or c._step is not None for c in caches):
+            raise ValueError("stacked caches must come from the same model, have seen the same positions, and be idle")
+        stacked = cls(first.model, make_policy("full"))
+        stacked.batch = sum(c.batch for c in caches)
+        stacked.seen = first.seen
+        stacked.tokens_seen = torch.cat([c.tokens_seen for c in caches])
+        stacked.row_start = torch.cat([c.row_start for c in caches])
+        for idx, layer in enumerate(stacked.layers):
+            stores = [c.layers[idx].store for c in caches]
+            if any(s is None for s in stores):
+                continue
+            layer.store = LayerStore.concat(stores)
+            layer.scaling = first.layers[idx].scaling
+            layer.is_initialized = True
+        return stacked
+
     # ------------------------------------------------------------------ freezing (compress once, ask many)
     @contextmanager
     def frozen_tokens(self):

@@ -212,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("train", help="train gates: fastkvzip (forward-only) or attention-gate")
+    trainers = p.add_subparsers(dest="trainer", required=True)
+    import importlib
+    import importlib.util
+
+    from .train import TRAINERS
+
+    for module_name in TRAINERS.values():
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).add_parser(trainers)
+
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(func=cmd_policies)
     return parser

@@ -153,6 +153,25 @@ class LayerStore:
         if capacity is not None and not torch.equal(capacity, self.seg_cap):
             self._relayout(self._segment_rows(self.seg_start, self.seg_len), self.seg_len, capacity)
 
+    @classmethod
+    def concat(cls, stores: list[LayerStore]) -> LayerStore:
+        """One store whose batch rows are the rows of `stores`, in order (side channels are not carried)."""
+        first = stores[0]
+        out = cls(sum(s.batch for s in stores), first.heads, first.head_dim, first.dtype, first.device)
+        offsets, total = [], 0
+        for s in stores:
+            offsets.append(total)
+            total += s.rows
+        out.keys = torch.cat([s.keys[:-1] for s in stores] + [first.keys[-1:] * 0])
+        out.values = torch.cat([s.values[:-1] for s in stores] + [first.values[-1:] * 0])
+        out.positions = torch.cat([s.positions[:-1] for s in stores] + [first.positions[-1:].fill_(-1)])
+        out.seg_start = torch.cat([s.seg_start + off for s, off in zip(stores, offsets)])
+        out.seg_len = torch.cat([s.seg_len for s in stores])
+        out.seg_cap = torch.cat([s.seg_cap for s in stores])
+        out.heads_aligned = all(s.heads_aligned for s in stores)
+        out._refresh_summaries()
+        return out
+
     # ----------------------------------------------------------------- writes
     def append(
         self,

@@ -26,8 +26,8 @@ from ..policies.base import ObserverSet, Policy
 from . import metrics as M
 from .tasks import QA_TASKS, Sample, check_task, make_samples
 
-MAX_NEW_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 32,
-                  "cwe": 64, "qa": 24}
+MAX_NEW_TOKENS = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "niah_multiquery": 64, "vt": 40,
+                  "cwe": 64, "qa": 32}
 LONGGEN_DECODE_INTERVAL = 32  # longgen evicts while decoding every this many tokens unless a policy says otherwise
 
 
@@ -139,10 +139,30 @@ def _greedy(model, tok, cache, ids: torch.Tensor, max_new_tokens: int, frozen: b
     return out[0, ids.shape[1]:].tolist()
 
 
-def _teacher_forced_logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
+def _same_size_groups(caches: dict) -> list[list]:
+    """Runs grouped by what their caches keep per head: a group stacks into an equal-length (padding-free) batch."""
+    groups: dict[tuple, list] = {}
+    for run, cache in caches.items():
+        groups.setdefault(tuple(cache.kept_counts().flatten().tolist()), []).append(run)
+    return list(groups.values())
+
+
+def _greedy_batch(model, tok, cache, ids: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers for every row of a stacked cache (same prompt ids), with nothing evicted or kept after."""
+    batch = ids.expand(cache.batch, -1)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=tok.pad_token_id)
     with torch.no_grad(), cache.frozen_tokens():
-        return model(input_ids=ids, attention_mask=torch.ones(1, cache.seen + ids.shape[1], dtype=torch.long,
-                                                                 device=ids.device), past_key_values=cache).logits[0]
+        out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), past_key_values=cache, **kwargs)
+    return [row[ids.shape[1]:].tolist() for row in out]
+
+
+def _teacher_forced_logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of `ids` [B, T] on top of `cache` (frozen: nothing is kept or evicted); [T, V] for B == 1."""
+    mask = torch.ones(ids.shape[0], cache.seen + ids.shape[1], dtype=torch.long, device=ids.device)
+    with torch.no_grad(), cache.frozen_tokens():
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+    return logits[0] if ids.shape[0] == 1 else logits
 
 
 class SampleEvaluator:
@@ -181,13 +201,23 @@ class SampleEvaluator:
         # query-agnostic: compress the context alone; query-aware: everything but the last token
         prefix = _ids(ctx, self.device) if not self.cfg.query_aware else full[:, :-1]
         max_new = self.cfg.max_new_tokens or MAX_NEW_TOKENS[sample.task]
+        outputs, sizes = {}, {}
+        if self.cfg.query_aware:  # decoding may evict, per policy: one run at a time
+            for run, cache in self._caches(prefix):
+                sizes[run] = _sizes(cache)
+                outputs[run] = _greedy(self.model, self.tok, cache, full, max_new, frozen=False)
+        else:  # every compressed context answers the same question: batched, nothing evicted while answering
+            caches = dict(self._caches(prefix))
+            sizes = {run: _sizes(cache) for run, cache in caches.items()}
+            for group in _same_size_groups(caches):
+                stacked = EvictingCache.stack([caches.pop(run) for run in group])
+                outputs.update(zip(group, _greedy_batch(self.model, self.tok, stacked, full, max_new)))
         rows = {}
-        for run, cache in self._caches(prefix):
-            sizes = _sizes(cache)
-            out = _greedy(self.model, self.tok, cache, full, max_new, frozen=not self.cfg.query_aware)
+        for run, out in outputs.items():
             prediction = self.tok.decode(out, skip_special_tokens=True)
             score = M.string_match(prediction, sample.references, sample.match)
-            rows[run] = {"score": score, "prediction": prediction, "references": " | ".join(sample.references), **sizes}
+            rows[run] = {"score": score, "prediction": prediction, "references": " | ".join(sample.references),
+                         **sizes[run]}
         return rows
 
     def fidelity(self, sample: Sample) -> dict[Run, dict]:
@@ -195,14 +225,14 @@ class SampleEvaluator:
         prefix = _ids(ctx[:-1], self.device)
         forced = _ids(ctx[-1:] + cont[:-1], self.device)
         targets = torch.tensor(cont, device=self.device)
-        reference = None
+        caches = dict(self._caches(prefix))
+        sizes = {run: _sizes(cache) for run, cache in caches.items()}
         results = {}
-        for run, cache in self._caches(prefix):
-            sizes = _sizes(cache)
-            logits = _teacher_forced_logits(self.model, cache, forced)
-            results[run] = (logits, sizes)
-            if run.policy == "full":
-                reference = logits
+        for group in _same_size_groups(caches):  # compressions of one size teacher-forced in one batch
+            stacked = EvictingCache.stack([caches.pop(run) for run in group])
+            logits = _teacher_forced_logits(self.model, stacked, forced.expand(stacked.batch, -1))
+            results.update((run, (logits[i] if logits.dim() == 3 else logits, sizes[run])) for i, run in enumerate(group))
+        reference = next((results[r][0] for r in results if r.policy == "full"), None)
         if reference is None:  # no ratio-0 run in this sweep: compute the full-cache reference once
             cache = EvictingCache(self.model, make_policy("full"))
             prefill(self.model, cache, prefix, torch.ones_like(prefix), None)

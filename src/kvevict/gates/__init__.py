@@ -1,0 +1,1 @@
+"""Trainable gate modules (Fast KVzip's sink-attention gates, Attention-Gate) and their checkpoints."""
