@@ -136,6 +136,8 @@ class EvictingCache(Cache):
         self.tokens_seen: torch.Tensor | None = None  # [B] real (non-padding) tokens per row
         self.row_start: torch.Tensor | None = None  # [B] position of each row's first real token (-1: none yet)
         self.frozen = False
+        self.phase = "prefill"  # "prefill" or "decode": what the forward that triggers an eviction was
+        self.frozen_observer: Policy | None = None  # who observes inside a frozen block (KVzip's scoring passes)
         self._steps_since_eviction = 0
         self._step: _Step | None = None
         self._warned_protected = False
@@ -184,12 +186,16 @@ class EvictingCache(Cache):
             layer.current_view = None
         self.tokens_seen += step.valid.sum(1)
         self.seen += step.length
+        if self.frozen:  # nothing may move while frozen: the rows added are dropped on exit by truncation
+            return
         self._trim_sliding_layers()
-        if self.frozen or not self.policy.evicts:
+        if not self.policy.evicts:
             return
         if step.length > 1:
+            self.phase = "prefill"
             self.evict(reserve=0)
         else:
+            self.phase = "decode"
             self._steps_since_eviction += 1
             interval = self.policy.decode_interval
             if interval is not None and self._steps_since_eviction >= interval:
@@ -251,25 +257,27 @@ class EvictingCache(Cache):
         layer.scaling, layer.attended = scaling, True
         ctx = None
         visible = None
-        if layer.evictable and not self.frozen:
+        observer = self.frozen_observer if self.frozen else self.policy
+        if layer.evictable and observer is not None:
             ctx = LayerContext(module.layer_idx, view, layer.store, scaling, row_start=self.row_start)
-            visible = self.policy.key_visibility(module.layer_idx, ctx)
+            visible = observer.key_visibility(module.layer_idx, ctx)
         out = evicted_attention(
             query, key, value, step.positions, view.positions, scaling,
             sliding_window=layer.sliding_window, visible=visible, softcap=softcap,
             heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots,
         )
-        if ctx is not None and self.policy.observes:
+        if ctx is not None and observer.observes:
             B, Hq, T, d = query.shape
             H = key.shape[1]
             ctx.queries = query.reshape(B, H, Hq // H, T, d)
             ctx.query_positions, ctx.query_valid = step.positions, step.valid
-            self.policy.observe(module.layer_idx, ctx)
+            observer.observe(module.layer_idx, ctx)
         return out
 
     # ------------------------------------------------------------------ eviction
     def evict(self, reserve: int = 0) -> None:
         """Score every evictable layer, select what stays, compact. `reserve`: free rows left per head."""
+        self.policy.prepare_eviction()
         scores, positions, views = {}, {}, {}
         for layer in self.layers:
             if not layer.evictable or layer.store is None:
@@ -331,6 +339,7 @@ class EvictingCache(Cache):
         if policy.observes:
             source = self.policy.member_like(policy) if isinstance(self.policy, ObserverSet) else self.policy
             if source is not policy:
+                source.prepare_eviction()  # work every fork would repeat (KVzip's scoring passes) happens once
                 policy.copy_observations(source)
         twin.batch, twin.seen = self.batch, self.seen
         twin.tokens_seen = None if self.tokens_seen is None else self.tokens_seen.clone()
@@ -367,10 +376,12 @@ class EvictingCache(Cache):
 
     # ------------------------------------------------------------------ freezing (compress once, ask many)
     @contextmanager
-    def frozen_tokens(self):
-        """Within this block nothing is evicted or observed, and every token added is removed on exit.
+    def frozen_tokens(self, observer: Policy | None = None):
+        """Within this block nothing is evicted, and every token added is removed on exit.
 
         `kvevict.answer` uses it to append a question and its answer to a compressed context, then drop them.
+        `observer` (a policy) observes the attention of the added tokens: KVzip scores the context by the
+        attention of a temporary "repeat the context" pass. Nobody else observes.
         """
         if self.frozen:
             raise RuntimeError("cache is already frozen")
@@ -381,11 +392,11 @@ class EvictingCache(Cache):
             [(layer.store.seg_len.clone(), layer.store.seg_cap.clone()) if layer.store is not None else None
              for layer in self.layers],
         )
-        self.frozen = True
+        self.frozen, self.frozen_observer = True, observer
         try:
             yield self
         finally:
-            self.frozen = False
+            self.frozen, self.frozen_observer = False, None
             self.seen, self.tokens_seen, self.row_start, lengths = saved
             for layer, length in zip(self.layers, lengths):
                 if layer.store is None:

@@ -100,7 +100,7 @@ class Policy:
         if self.head_floor is not None and not 0.0 <= self.head_floor <= 1.0:
             raise ValueError(f"head_floor must be in [0, 1], got {self.head_floor!r}")
         for name in ("sink_tokens", "window"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {self.prefill_chunk!r}")
@@ -168,6 +168,13 @@ class Policy:
         """Importance of every slot of ctx.view: [B, H, L], higher = keep. Empty slots are ignored."""
         raise NotImplementedError
 
+    def prepare_eviction(self) -> None:
+        """Called when an eviction is due, before any layer is scored (KVzip runs its scoring passes here)."""
+
+    def protected_prefix(self) -> int:
+        """Tokens at the start of each sequence that are never evicted."""
+        return self.sink_tokens
+
     def after_eviction(self) -> None:
         """Called after the cache compacted (policies with per-token state outside the cache update it here)."""
 
@@ -229,7 +236,8 @@ class Policy:
             score = score.float().masked_fill(~valid, float("-inf"))
             window = torch.tensor([self.recent_window(int(t)) for t in targets], device=pos.device)
             protected = valid & (
-                (pos < (row_start.view(-1, 1, 1) + self.sink_tokens)) | (pos > last_position - window.view(-1, 1, 1))
+                (pos < (row_start.view(-1, 1, 1) + self.protected_prefix()))
+                | (pos > last_position - window.view(-1, 1, 1))
             )
             ranked[layer] = torch.where(protected, torch.full_like(score, float("inf")), score)
 
@@ -349,7 +357,8 @@ class ObserverSet(Policy):
 
     def observe(self, layer_idx, ctx) -> None:
         for member in self.members.values():
-            member.observe(layer_idx, ctx)
+            if member.observes:
+                member.observe(layer_idx, ctx)
 
     def member_like(self, policy: Policy) -> Policy:
         key = policy.observation_key()

@@ -1,0 +1,81 @@
+"""Fast KVzip's gate (Kim, Han, Yun, "Fast KVzip", arXiv 2601.17668): low-rank attention against learned sinks.
+
+For the hidden state h entering an attention layer (after its input norm), per KV head h and query head g of its
+group:
+    q = RMSNorm(W_q h + b_q) -> [H, G, d_g]      k = RMSNorm(W_k h) -> [H, d_g]    (no RoPE, one token at a time)
+    l_self = q.k / sqrt(d_g) + bias[h, g]          l_s = q.K_sink[h, s] / sqrt(d_g)   (S learned sink keys)
+    score = exp(l_self) / (exp(l_self) + sum_s exp(l_s)),  averaged over g  ->  (0, 1) per KV head
+The sink keys and the bias start at zero; the RMSNorm weight is shared by the heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last dim with one weight vector shared by every head."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SinkGate(nn.Module):
+    """Per-token keep score for every KV head of one attention layer."""
+
+    def __init__(self, hidden_size: int, kv_heads: int, group_size: int, gate_dim: int = 16, sinks: int = 16):
+        super().__init__()
+        self.kv_heads, self.group_size, self.gate_dim, self.sinks = kv_heads, group_size, gate_dim, sinks
+        self.q_proj = nn.Linear(hidden_size, kv_heads * group_size * gate_dim, bias=True)
+        self.k_proj = nn.Linear(hidden_size, kv_heads * gate_dim, bias=False)
+        self.q_norm = HeadRMSNorm(gate_dim)
+        self.k_norm = HeadRMSNorm(gate_dim)
+        self.sink_keys = nn.Parameter(torch.zeros(kv_heads, sinks, gate_dim))
+        self.bias = nn.Parameter(torch.zeros(kv_heads, group_size))
+
+    def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(l_self [..., H, G], log-sum-exp of the sink logits [..., H, G])."""
+        H, G, d = self.kv_heads, self.group_size, self.gate_dim
+        q = self.q_norm(self.q_proj(hidden).view(*hidden.shape[:-1], H, G, d))
+        k = self.k_norm(self.k_proj(hidden).view(*hidden.shape[:-1], H, d))
+        scale = 1.0 / math.sqrt(d)
+        l_self = (q * k.unsqueeze(-2)).sum(-1) * scale + self.bias
+        l_sink = torch.einsum("...hgd,hsd->...hgs", q, self.sink_keys) * scale
+        return l_self, torch.logsumexp(l_sink, dim=-1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Keep scores in (0, 1): [..., kv_heads] for hidden [..., hidden_size]."""
+        l_self, l_sinks = self.logits(hidden)
+        # exp(a) / (exp(a) + sum_s exp(b_s)) = sigmoid(a - logsumexp(b))
+        return torch.sigmoid(l_self - l_sinks).mean(-1)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def gate_hyper(model, gate_dim: int = 16, sinks: int = 16) -> dict:
+    """The shape parameters of the gates for `model`."""
+    config = model.config.get_text_config(decoder=True)
+    return {"hidden_size": config.hidden_size, "kv_heads": config.num_key_value_heads,
+            "group_size": config.num_attention_heads // config.num_key_value_heads, "gate_dim": gate_dim,
+            "sinks": sinks}
+
+
+def gated_layers(model) -> list[int]:
+    """Attention layers that get a gate: every layer, or the global (full-attention) ones of hybrid models."""
+    config = model.config.get_text_config(decoder=True)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, kind in enumerate(types) if kind != "sliding_attention"]
+
+
+def build_gates(hyper: dict, layers: list[int]) -> nn.ModuleDict:
+    return nn.ModuleDict({str(i): SinkGate(hyper["hidden_size"], hyper["kv_heads"], hyper["group_size"],
+                                           hyper["gate_dim"], hyper["sinks"]) for i in layers})

@@ -1,0 +1,164 @@
+"""KVzip (the teacher) and Fast KVzip (trained sink-attention gates)."""
+
+import math
+
+import pytest
+import torch
+
+import kvevict
+from kvevict.gates.checkpoint import save_gates
+from kvevict.gates.sink_gate import SinkGate, build_gates, gate_hyper, gated_layers
+from kvevict.models import tiny_model, tiny_tokenizer
+from kvevict.policies.kvzip import FIRST_PROMPT, assistant_prefix
+from kvevict.train.fastkvzip import collect_document, fit, gate_metrics
+
+from .conftest import left_padded_batch
+
+
+def test_gate_score_equals_the_formula():
+    torch.manual_seed(0)
+    gate = SinkGate(hidden_size=24, kv_heads=2, group_size=3, gate_dim=4, sinks=5)
+    for p in gate.parameters():  # move everything away from its initial value
+        p.data.normal_()
+    h = torch.randn(7, 24)
+    torch.set_grad_enabled(False)
+    q = gate.q_proj(h).view(7, 2, 3, 4)
+    q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * gate.q_norm.weight
+    k = gate.k_proj(h).view(7, 2, 4)
+    k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6) * gate.k_norm.weight
+    expected = torch.zeros(7, 2)
+    for t in range(7):
+        for hd in range(2):
+            per_group = []
+            for g in range(3):
+                own = math.exp(float(q[t, hd, g] @ k[t, hd]) / 2 + float(gate.bias[hd, g]))
+                sinks = sum(math.exp(float(q[t, hd, g] @ gate.sink_keys[hd, s]) / 2) for s in range(5))
+                per_group.append(own / (own + sinks))
+            expected[t, hd] = sum(per_group) / 3
+    got = gate(h)
+    torch.set_grad_enabled(True)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_kvzip_scores_match_a_direct_computation():
+    model, tok = tiny_model("llama", num_hidden_layers=2), tiny_tokenizer()
+    ids = torch.randint(3, 250, (1, 40))
+    policy = kvevict.make_policy("kvzip", compression_ratio=0.5, tokenizer=tok, chunk_size=1000)
+    cache = kvevict.EvictingCache(model, policy)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    protected = policy.protected_prefix()
+    # direct: the whole sequence (context + repeat prompt) through eager attention, scores read off the map
+    lead = tok(FIRST_PROMPT, add_special_tokens=False).input_ids + tok(assistant_prefix(tok), add_special_tokens=False).input_ids
+    repeat = lead + ids[0, protected:].tolist()
+    full = torch.cat([ids, torch.tensor([repeat])], dim=1)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attn = model(input_ids=full, output_attentions=True).attentions
+    n = ids.shape[1]
+    G = model.config.num_attention_heads // model.config.num_key_value_heads
+    # evicted already; compare on the tokens that were kept
+    for layer in range(2):
+        a = attn[layer][0, :, n:, :]  # [Hq, R, n + R]
+        subset = torch.zeros(a.shape[-1], dtype=torch.bool)
+        subset[:protected] = True
+        subset[protected:n] = True  # one chunk: the whole context
+        subset[n:] = True
+        restricted = a * subset / (a * subset).sum(-1, keepdim=True)
+        expected = restricted[..., :n].amax(dim=1).view(-1, G, n).amax(1)  # [H, n]
+        store = cache.layers[layer].store
+        view = store.view()
+        got = store.gather_stat("kvzip", view)[0]
+        for h, kept in enumerate(cache.kept_positions(layer)[0]):
+            chunk = kept[kept >= protected]
+            assert torch.allclose(got[h, : len(kept)][kept >= protected], expected[h, chunk], atol=1e-4)
+
+
+def _tiny_gates(model, tmp_path, target=0.6):
+    torch.manual_seed(1)
+    layers = gated_layers(model)
+    gates = build_gates({**gate_hyper(model, 8, 4), "target_ratio": target}, layers)
+    for g in gates.values():
+        g.sink_keys.data.normal_()
+    return save_gates(tmp_path / "gates", "fastkvzip", model, {i: gates[str(i)] for i in layers},
+                      {**gate_hyper(model, 8, 4), "target_ratio": target})
+
+
+def test_fastkvzip_prefill_chunks_threshold_globally_outside_the_window(tmp_path):
+    model = tiny_model("qwen2")
+    folder = _tiny_gates(model, tmp_path)
+    policy = kvevict.make_policy("fastkvzip", gates=str(folder), prefill_chunk=60, window=10)
+    assert policy.compression_ratio is None
+    cache = kvevict.EvictingCache(model, policy)
+    assert policy.compression_ratio == pytest.approx(0.6)  # the ratio the gates were trained for
+    ids, mask = left_padded_batch((180,), seed=2)
+    from kvevict.api import prefill
+    from kvevict.cache import attention_modules
+
+    hidden = {}  # the hidden states each layer's gate read, to score every token directly
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: hidden.setdefault(i, []).append(kwargs["hidden_states"][0]), with_kwargs=True)
+        for i, m in enumerate(attention_modules(model))]
+    prefill(model, cache, ids, mask, chunk=60)
+    for hook in hooks:
+        hook.remove()
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert int(cache.kept_counts().sum()) == math.ceil(0.4 * 180) * L * H
+    last_evicted, survivors = [], []
+    with torch.no_grad():
+        for layer in range(L):
+            direct = policy._gates[str(layer)](torch.cat(hidden[layer]).float()).T  # [H, 180]
+            for h, kept in enumerate(cache.kept_positions(layer)[0]):
+                kept = set(kept.tolist())
+                assert set(range(4)) <= kept and set(range(170, 180)) <= kept  # sinks and window
+                survivors += [direct[h, p] for p in kept if 4 <= p < 170]
+                last_evicted += [direct[h, p] for p in range(120, 170) if p not in kept]
+    # the last chunk's tokens were thresholded with everything present: none evicted scored above a survivor
+    assert last_evicted and max(last_evicted) <= min(survivors) + 1e-6
+
+
+def test_fastkvzip_decode_keeps_newest_interval_and_the_target(tmp_path):
+    model = tiny_model("llama")
+    folder = _tiny_gates(model, tmp_path, target=0.5)
+    policy = kvevict.make_policy("fastkvzip", gates=str(folder), decode_interval=8)
+    cache = kvevict.EvictingCache(model, policy)
+    ids, mask = left_padded_batch((64,), seed=3)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(16):
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            token = model(input_ids=token, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert int(cache.kept_counts().sum()) == math.ceil(0.5 * 80) * L * H
+    for layer in range(L):
+        for kept in cache.kept_positions(layer)[0]:
+            assert set(range(72, 80)) <= set(kept.tolist())  # the newest decode_interval tokens stay
+
+
+def test_gates_for_another_model_are_refused(tmp_path):
+    folder = _tiny_gates(tiny_model("llama"), tmp_path)
+    other = tiny_model("llama", num_hidden_layers=4)
+    with pytest.raises(ValueError, match="made for another model"):
+        kvevict.EvictingCache(other, kvevict.make_policy("fastkvzip", gates=str(folder)))
+    with pytest.raises(FileNotFoundError, match="no fastkvzip gates are shipped"):
+        kvevict.EvictingCache(other, kvevict.make_policy("fastkvzip"))
+
+
+def test_trained_gates_beat_untrained_ones_on_held_out_targets():
+    torch.manual_seed(0)
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    hidden, targets = {}, {}
+    for text in ["the cat sat on the mat and looked at the hat. " * 8, "numbers 1 2 3 4 5 6 7 8 9 10 " * 10]:
+        h, t = collect_document(model, tok, tok(text).input_ids, chunk_size=200)
+        for i in h:
+            hidden.setdefault(i, []).append(h[i])
+            targets.setdefault(i, []).append(t[i])
+    hidden = {i: torch.cat(v) for i, v in hidden.items()}
+    targets = {i: torch.cat(v) for i, v in targets.items()}
+    gates = build_gates(gate_hyper(model, 8, 4), gated_layers(model))
+    held = torch.arange(len(targets[0]))[1::7]  # a spread of rows to compare on
+    before = gate_metrics(gates, hidden, targets, held)
+    log = fit(gates, hidden, targets, steps=150, batch_tokens=128, lr=0.2, progress=False, log_every=50)
+    after = gate_metrics(gates, hidden, targets, held)
+    assert after["bce"] < before["bce"] and log[-1]["bce"] < log[0]["bce"]
