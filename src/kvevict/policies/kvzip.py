@@ -106,15 +106,18 @@ class KVzipPolicy(Policy):
         # keys the scoring softmax runs over: protected prefix, this chunk, the repeat tokens themselves
         in_chunk = (kpos >= start) & (kpos < stop)
         subset = (kpos >= 0) & ((kpos < self._protected) | in_chunk | (kpos >= repeat_start))
-        scores = torch.zeros(kpos.shape, dtype=torch.float32, device=kpos.device)
+        best = torch.full(kpos.shape, float("-inf"), dtype=torch.float32, device=kpos.device)
         q = ctx.queries.float()
         keys = ctx.view.keys.float()
         for b0 in range(0, q.shape[3], _QUERY_BLOCK):
             qb, pos = q[..., b0:b0 + _QUERY_BLOCK, :], ctx.query_positions[b0:b0 + _QUERY_BLOCK]
-            logits = torch.einsum("bhgtd,bhld->bhgtl", qb, keys) * ctx.scaling
+            logits = torch.einsum("bhgtd,bhld->bhgtl", qb, keys).mul_(ctx.scaling)
             visible = allowed_keys(pos, ctx.view.positions) & subset.unsqueeze(2)
-            probs = logits.masked_fill(~visible.unsqueeze(2), float("-inf")).softmax(-1).nan_to_num(0.0)
-            scores = torch.maximum(scores, probs.amax(dim=(2, 3)))
+            logits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
+            # max_t softmax_t(j) = exp(max_t (logit_tj - logsumexp_t)): no full softmax needed
+            logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+            best = torch.maximum(best, logits.amax(dim=(2, 3)))
+        scores = best.exp()
         ctx.set_stat("kvzip", torch.where(in_chunk, scores, ctx.stat("kvzip")))
 
     # ------------------------------------------------------------------ scoring passes
