@@ -195,3 +195,21 @@ def test_stacked_caches_answer_like_each_cache_alone():
                          past_key_values=stacked).logits
     for row in range(3):
         assert (together[row] - alone[row]).abs().max() <= 1e-4
+
+
+def test_frozen_tokens_leave_sliding_layers_untouched(tok):
+    model = tiny_model("gemma3")  # sliding window of 8 tokens on alternate layers
+    context = "a context long enough to fill the sliding window several times over. " * 2
+    policy = kvevict.make_policy("snapkv", compression_ratio=0.5, window=4, observation_window=4)
+    answers, cache = kvevict.answer(model, tok, context, ["a question far longer than the sliding window " * 2],
+                                    policy=policy, max_new_tokens=40, return_cache=True)
+    before = [layer.store.view().positions.clone() for layer in cache.layers]
+    kvevict_answers = kvevict.answer(model, tok, context, ["a question far longer than the sliding window " * 2],
+                                     policy=kvevict.make_policy("snapkv", compression_ratio=0.5, window=4,
+                                                                observation_window=4), max_new_tokens=40)
+    assert kvevict_answers == answers
+    with cache.frozen_tokens():
+        ids = torch.randint(3, 300, (1, cache.seen + 50))
+        model(input_ids=ids[:, cache.seen:], attention_mask=torch.ones_like(ids), past_key_values=cache)
+    after = [layer.store.view().positions for layer in cache.layers]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
