@@ -68,7 +68,8 @@ class Policy:
     observed_state: ClassVar[tuple[str, ...]] = ()
     # Parameters that only size or time the eviction; policies differing in these alone observe the same things.
     SIZING_PARAMS: ClassVar[frozenset[str]] = frozenset(
-        {"compression_ratio", "budget", "allocation", "head_floor", "prefill_chunk", "decode_interval"}
+        {"compression_ratio", "budget", "allocation", "head_floor", "prefill_chunk", "decode_interval", "sink_tokens",
+         "window"}
     )
     # How many of the most recent queries per layer `score` wants to see (SnapKV's observation window).
     query_window: ClassVar[int] = 0
@@ -199,7 +200,8 @@ class Policy:
             self._queries[layer_idx] = [joined]
         return self._queries[layer_idx][0]
 
-    def recent_attention(self, layer_idx: int, ctx: LayerContext, scale: float | None = None) -> torch.Tensor:
+    def recent_attention(self, layer_idx: int, ctx: LayerContext, scale: float | torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """Attention of the buffered recent queries over the kept keys: [B, H, G, w, L] (0 for padding queries)."""
         q, pos, ok = self.recent_queries(layer_idx)
         probs = attention_probs(
@@ -356,9 +358,8 @@ class ObserverSet(Policy):
         return merged or None
 
     def observe(self, layer_idx, ctx) -> None:
-        for member in self.members.values():
-            if member.observes:
-                member.observe(layer_idx, ctx)
+        for member in self.members.values():  # members observe whatever their own sizing (it is decided later)
+            member.observe(layer_idx, ctx)
 
     def member_like(self, policy: Policy) -> Policy:
         key = policy.observation_key()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..attention import accumulated_attention
 from .base import Policy
@@ -21,6 +22,7 @@ class H2OPolicy(Policy):
     recent_fraction: float = 0.5
     name = "h2o"
     needs_attention = True
+    SIZING_PARAMS: ClassVar[frozenset[str]] = Policy.SIZING_PARAMS | {"recent_fraction"}
 
     def validate(self) -> None:
         super().validate()
