@@ -244,7 +244,7 @@ class Policy:
             ranked[layer] = torch.where(protected, torch.full_like(score, float("inf")), score)
 
         if self.allocation == "uniform":
-            return {layer: _top_k_mask(s, targets.view(-1, 1)) for layer, s in ranked.items()}
+            return {layer: top_k_mask(s, targets.view(-1, 1)) for layer, s in ranked.items()}
         floor = self.head_floor if self.head_floor is not None else (0.2 if self.allocation == "head" else 0.0)
         floors = torch.floor(floor * targets.double()).long()
         lifted = {layer: _lift_top(s, floors) for layer, s in ranked.items()}
@@ -252,14 +252,14 @@ class Policy:
             keep = {}
             for layer, s in lifted.items():
                 B, H, L = s.shape
-                mask = _top_k_mask(s.reshape(B, 1, H * L), (targets * H).view(-1, 1))
+                mask = top_k_mask(s.reshape(B, 1, H * L), (targets * H).view(-1, 1))
                 keep[layer] = mask.view(B, H, L)
             return keep
         # global: one threshold per batch row across every evictable layer and head
         layers = list(lifted)
         flat = torch.cat([lifted[layer].flatten(1) for layer in layers], dim=1)  # [B, sum(H*L)]
         total = targets * sum(lifted[layer].shape[1] for layer in layers)
-        mask = _top_k_mask(flat.unsqueeze(1), total.view(-1, 1)).squeeze(1)
+        mask = top_k_mask(flat.unsqueeze(1), total.view(-1, 1)).squeeze(1)
         keep, offset = {}, 0
         for layer in layers:
             size = lifted[layer][0].numel()
@@ -272,7 +272,7 @@ class Policy:
         return f"{self.name}({size}, {self.allocation})"
 
 
-def _top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Mask of the k[b, h] highest finite-or-+inf scores along the last dim (never -inf ones); ties broken by order."""
     n = scores.shape[-1]
     if n == 0:
@@ -288,7 +288,7 @@ def _lift_top(scores: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
     if int(floors.max()) == 0:
         return scores
     B, H, L = scores.shape
-    floor_mask = _top_k_mask(scores, floors.view(B, 1).expand(B, H))
+    floor_mask = top_k_mask(scores, floors.view(B, 1).expand(B, H))
     return torch.where(floor_mask, scores + 1e30, scores).masked_fill(scores == float("inf"), float("inf"))
 
 

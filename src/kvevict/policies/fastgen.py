@@ -1,0 +1,711 @@
+"""FastGen (Ge et al., "Model Tells You What to Discard: Adaptive KV Cache Compression for LLMs", arXiv 2310.01801).
+
+ICLR 2024. Each (layer, KV head) is profiled once on the prompt and given the cheapest of five hybrid
+policies, in this order, whose attention recovery reaches `recovery` (T):
+
+    0 special                          special tokens (BOS/EOS, chat-template tokens)
+    1 special+punct                    + tokens made only of punctuation and whitespace
+    2 special+punct+frequent           + the top `frequent_ratio` x current length tokens by cumulative attention
+    3 special+punct+frequent+local     + the tokens within `local_ratio` x prompt length of the current token
+    4 full                             everything
+
+Every candidate also keeps the first `sink_tokens` tokens and the last `window` tokens (the paper's
+reproductions protect the first 4 tokens; both are parameters). While decoding each head keeps applying its own
+rule: special/punct heads keep only new special/punct tokens, local heads slide their window, frequent heads keep
+accumulating attention and drop the lowest, full heads keep everything; so each head's cache length differs and
+the storage frees what a head drops.
+
+Choices where the paper is silent (all parameters or documented here):
+- Recovery of candidate C for a head = mean over the profiled prompt query rows of the attention mass that
+  falls on the keys C keeps *for that row*: the special/punct/sink keys visible to it, the keys within the local
+  window before it, and the top ceil(frequent_ratio x visible keys) visible keys ranked by the attention they
+  accumulate over the whole prompt (the ranking the head keeps after prefill). Full recovers 1.
+- GQA: a KV head is profiled on the mean of its G query heads' attention; cumulative scores are also the group
+  mean (units: query rows' worth of attention).
+- Cost: the cache's attention path never materialises probabilities, so profiling recomputes them, one block
+  of query rows of one layer at a time. `profile_window` = the last prompt rows read (None, the default: every
+  row, as the paper; w: the last w rows, so the cumulative scores start from those w queries, SnapKV-style, and
+  the cost is about w / prompt length of a full pass). The profiled rows' attention is held until the
+  cumulative scores are final; when it would exceed `profile_memory_mb` (fp32, one layer), only the last rows
+  that fit are profiled (the cumulative scores still cover every row read). benchmarks/fastgen_profile.py
+  compares the two on 4k-token prompts (results/fastgen/profile.md): reading every row costs more than the
+  prefill itself on CPU, the last 256 rows a fraction of it.
+- Profiling happens once, on the first forward of several tokens (the prompt; with `prefill_chunk`, the first
+  chunk). Later chunks and decoded tokens follow the rules chosen then; the local window is fixed to
+  ceil(local_ratio x prompt length) tokens.
+- `decode_interval` (default 32): the paper re-applies the policy at every step. Here a head's rule is
+  re-applied every 32 decoded tokens: a token the rule drops may stay up to 31 steps (at most 32 extra rows
+  per head, which is also the free room each head gets after an eviction), and the cost of compaction (one
+  copy of the layer's kept rows) is paid once per 32 steps instead of every step. decode_interval=1 gives the
+  paper's per-step behaviour (benchmarks/fastgen_profile.py times both against the full cache).
+- Compression is an outcome: `achieved_ratio()` is the fraction of (evictable layer, KV head, token) entries
+  removed, from the cache's kept counts vs the real tokens seen. With `compression_ratio` > 0 the threshold T
+  is searched instead of taken from `recovery`: bisection over the per-head recovery values found by profiling
+  (no re-run) for the largest T whose ratio at the end of the prompt is >= the target. The ratio is a step
+  function of T (one head changing its choice per step), so the achieved ratio exceeds the target by less than
+  one head's step.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+import unicodedata
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..attention import accumulated_attention
+from .base import Policy, top_k_mask
+
+CANDIDATES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
+SHORT_NAMES = ("S", "S+P", "S+P+F", "S+P+F+L", "full")
+SPECIAL, PUNCT = 1, 2  # token kinds (0: any other token)
+KIND_STAT = "fastgen_kind"  # per-row side channel: the token's kind
+SCORE_STAT = "fastgen_attention"  # per-row side channel: attention accumulated over queries (group mean)
+_ROW_BLOCK = 128  # query rows per block of attention probabilities (bounds memory on long prompts)
+
+
+# ---------------------------------------------------------------------------------------- token kinds
+_KINDS_BY_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_punctuation(text: str) -> bool:
+    """Whether a token's text is non-empty and made only of punctuation and whitespace."""
+    if not text or "\ufffd" in text:  # a partial UTF-8 byte decodes to U+FFFD: not a punctuation token
+        return False
+    return all(ch.isspace() or ch in string.punctuation or unicodedata.category(ch).startswith("P") for ch in text)
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: BOS/EOS/PAD..., added tokens marked special, and added tokens that
+    the chat template writes (e.g. <|im_start|>, <start_of_turn>)."""
+    ids = set(int(i) for i in tokenizer.all_special_ids)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = "\n".join(template.values())
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        content = str(token)
+        # markup tokens only: a plain added "\n" also occurs in templates but is punctuation, not special
+        in_template = any(ch.isalnum() for ch in content) and content in template
+        if getattr(token, "special", False) or in_template:
+            ids.add(int(token_id))
+    return ids
+
+
+def token_kinds(tokenizer) -> torch.Tensor:
+    """Kind of every vocabulary entry: int8 [vocab] with 1 = special, 2 = punctuation/whitespace, 0 = other.
+
+    Computed once per tokenizer (decoding the whole vocabulary takes up to a few seconds) and cached; computed
+    again if tokens are added or the chat template changes.
+    """
+    signature = (len(tokenizer), str(getattr(tokenizer, "chat_template", None)))
+    try:
+        cached = _KINDS_BY_TOKENIZER.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no cache
+        cached = None
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    size = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(size)])
+    kinds = torch.tensor([PUNCT if is_punctuation(t) else 0 for t in texts], dtype=torch.int8)
+    special = [i for i in special_token_ids(tokenizer) if 0 <= i < size]
+    kinds[special] = SPECIAL
+    try:
+        _KINDS_BY_TOKENIZER[tokenizer] = (signature, kinds)
+    except TypeError:
+        pass
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------- per-head rules
+def head_keep_mask(
+    choice: torch.Tensor,
+    kinds: torch.Tensor,
+    cumulative: torch.Tensor,
+    positions: torch.Tensor,
+    last_position: torch.Tensor,
+    current_len: torch.Tensor,
+    local_window: torch.Tensor,
+    frequent_ratio: float,
+    sink_tokens: int,
+    window: int = 0,
+) -> torch.Tensor:
+    """What each head's policy keeps now: [B, H, L] bool.
+
+    choice [B, H] (index into CANDIDATES); kinds, cumulative [B, H, L]; positions [B, H, L] relative to each
+    row's first real token (-1 = empty slot); last_position, current_len (real tokens seen), local_window
+    (tokens) [B].
+    """
+    valid = positions >= 0
+    last = last_position.view(-1, 1, 1)
+    c = choice.unsqueeze(-1)
+    keep = (positions < sink_tokens) | (positions > last - window) | (kinds == SPECIAL)
+    keep |= (c >= 1) & (kinds == PUNCT)
+    if bool((choice >= 2).any()):
+        budget = torch.ceil(frequent_ratio * current_len.double()).long()  # [B]
+        frequent = top_k_mask(cumulative.float().masked_fill(~valid, float("-inf")),
+                               budget.view(-1, 1).expand_as(choice))
+        keep |= (c >= 2) & frequent
+    keep |= (c >= 3) & (positions > last - local_window.view(-1, 1, 1))
+    keep |= c >= 4
+    return keep & valid
+
+
+def group_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    query_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Causal attention of queries [B, H, G, t, d] over keys [B, H, L, d], mean over the G query heads of each
+    KV head: [B, H, t, L] fp32 (rows of padding queries are 0). Positions as in `attention.allowed_keys`."""
+    B, H, G, t, d = queries.shape
+    L = keys.shape[2]
+    logits = torch.matmul(queries.reshape(B, H, G * t, d).float(), keys.float().transpose(-1, -2)).view(B, H, G, t, L)
+    key_pos = key_positions.unsqueeze(2)
+    hidden = (key_pos > query_positions.view(1, 1, t, 1)) | (key_pos < 0)  # [B, H, t, L]
+    logits.mul_(scaling).masked_fill_(hidden.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).mean(2)
+    return torch.where(query_valid.view(B, 1, t, 1), probs, 0.0)  # padding rows (all keys hidden) are NaN
+
+
+def choose(recovery: torch.Tensor, threshold) -> torch.Tensor:
+    """Index of the first candidate whose recovery reaches `threshold` (full when none does): [...]."""
+    ok = recovery >= torch.as_tensor(threshold, dtype=recovery.dtype, device=recovery.device)
+    ok[..., -1] = True
+    return ok.to(torch.int8).argmax(-1)  # argmax returns the first maximum
+
+
+def profile_heads(
+    probs: torch.Tensor,
+    key_kinds: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    cumulative: torch.Tensor,
+    prompt_len: torch.Tensor,
+    recovery: float = 0.95,
+    local_ratio: float = 0.3,
+    frequent_ratio: float = 0.3,
+    sink_tokens: int = 4,
+    window: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Profile every KV head on its prompt attention. Returns (choice [B, H], recovery [B, H, 5]).
+
+    probs [B, H, w, L]: attention of the profiled query rows (group-reduced) over the keys; key_kinds [B, H, L]
+    (1 special, 2 punct); key_positions [B, H, L] and query_positions [B, w] relative to each row's first real
+    token (-1 = empty key slot / padding query, ignored); cumulative [B, H, L]: attention each key accumulated
+    over the prompt (ranks the frequent tokens); prompt_len [B] real prompt tokens (sizes the local window).
+    recovery[..., c] = mean over the profiled rows of the attention mass on the keys candidate c keeps for that
+    row (see the module docstring); choice = the first candidate with recovery >= `recovery`.
+    """
+    B, H, w, L = probs.shape
+    local_window = torch.ceil(local_ratio * prompt_len.double()).long()
+    mass = torch.zeros(B, H, 5, dtype=torch.float64, device=probs.device)
+    for start in range(0, w, _ROW_BLOCK):
+        stop = min(w, start + _ROW_BLOCK)
+        mass += recovered_mass(probs[:, :, start:stop], query_positions[:, start:stop], key_kinds, key_positions,
+                               cumulative, local_window, frequent_ratio, sink_tokens, window)
+    rows = (query_positions >= 0).sum(-1).clamp(min=1).view(B, 1, 1)
+    recovered = (mass / rows).float()
+    return choose(recovered, recovery), recovered
+
+
+def recovered_mass(
+    probs: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_kinds: torch.Tensor,
+    key_positions: torch.Tensor,
+    cumulative: torch.Tensor,
+    local_window: torch.Tensor,
+    frequent_ratio: float,
+    sink_tokens: int,
+    window: int,
+) -> torch.Tensor:
+    """Attention mass each candidate keeps, summed over a block of query rows: [B, H, 5] (float64).
+
+    Same arguments as `profile_heads` for one block of rows (probs [B, H, t, L], query_positions [B, t]);
+    local_window [B] in tokens. Each (row, key) gets the first candidate that keeps it (its "level"); the
+    candidates are nested, so the mass of candidate c is the mass of levels <= c.
+    """
+    B, H, t, L = probs.shape
+    valid = key_positions >= 0
+    key_pos = key_positions.to(torch.int32).unsqueeze(2)  # [B, H, 1, L]
+    q_pos = query_positions.to(torch.int32).view(B, 1, t, 1)
+    visible = valid.unsqueeze(2) & (key_pos <= q_pos)  # [B, H, t, L]
+    distance = q_pos - key_pos
+    # frequent: per row, the first ceil(frequent_ratio * visible) visible keys in decreasing cumulative attention
+    # (stable order: ties go to the earlier slot, as in the eviction's top-k)
+    order = cumulative.float().masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    order_rows = order.unsqueeze(2).expand(B, H, t, L)
+    visible_sorted = visible.gather(-1, order_rows)
+    rank = visible_sorted.float().cumsum(-1)  # 1-based rank among the row's visible keys (exact below 2**24)
+    budget = torch.ceil(frequent_ratio * rank[..., -1:].double()).float()
+    frequent = torch.zeros_like(visible).scatter_(-1, order_rows, visible_sorted & (rank <= budget))
+    level = torch.full((B, H, t, L), 4, dtype=torch.uint8, device=probs.device)
+    level.masked_fill_(distance < local_window.view(B, 1, 1, 1), 3)
+    level.masked_fill_(frequent, 2)
+    level.masked_fill_((key_kinds == PUNCT).unsqueeze(2), 1)
+    level.masked_fill_((key_pos < sink_tokens) | (key_kinds == SPECIAL).unsqueeze(2) | (distance < window), 0)
+    per_level = torch.zeros(B, H, t, 5, dtype=torch.float32, device=probs.device)
+    per_level.scatter_add_(-1, level.long(), torch.where(visible, probs.float(), 0.0))
+    return per_level.double().sum(2).cumsum(-1)
+
+
+def search_threshold(recovery: torch.Tensor, kept: torch.Tensor, total: float, target: float) -> tuple[float, float]:
+    """Largest threshold T whose compression ratio is >= `target`, by bisection. Returns (T, ratio).
+
+    recovery, kept [N, 5]: each head's recovery and kept tokens per candidate; total: tokens a full cache holds
+    over those N heads. ratio(T) = 1 - sum_n kept[n, choice_n(T)] / total is non-increasing in T and changes only
+    at the recovery values, so the search runs over those values (plus 0 and 1): exact, no re-profiling.
+    """
+    values = torch.cat([recovery.flatten().clamp(0.0, 1.0), recovery.new_tensor([0.0, 1.0])]).unique()  # sorted
+
+    def ratio(t: torch.Tensor) -> float:
+        choice = choose(recovery, t).long()
+        return 1.0 - float(kept.gather(-1, choice.unsqueeze(-1)).sum()) / total
+
+    if ratio(values[0]) < target:
+        warnings.warn(
+            f"fastgen: compression_ratio={target:g} is out of reach; the most FastGen removes here is "
+            f"{ratio(values[0]):.4f} (every head on its cheapest policy, T=0)",
+            stacklevel=3,
+        )
+        return 0.0, ratio(values[0])
+    low, high = 0, len(values) - 1  # invariant: ratio(values[low]) >= target
+    if ratio(values[high]) >= target:
+        low = high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if ratio(values[mid]) >= target:
+            low = mid
+        else:
+            high = mid
+    return float(values[low]), ratio(values[low])
+
+
+# ---------------------------------------------------------------------------------------- the policy
+@dataclass
+class _LayerProfile:
+    recovery: torch.Tensor  # [B, H, 5]
+    kept: torch.Tensor  # [B, H, 5] tokens each candidate keeps at the end of the prompt
+    local_window: torch.Tensor  # [B] tokens
+    prompt_len: torch.Tensor  # [B] real tokens
+    rows: int  # query rows profiled (fewest over the batch)
+
+
+@dataclass
+class FastGenPolicy(Policy):
+    """Per-head hybrid policies chosen by profiling the prompt's attention.
+
+    recovery: T, the attention recovery each head's policy must reach on the prompt (the paper: 0.91-0.98).
+    local_ratio: r_l, local window as a fraction of the prompt length. frequent_ratio: r_f, heavy hitters as a
+    fraction of the current length. sink_tokens: first tokens kept by every policy. profile_window: last prompt
+    query rows read (None = all). profile_memory_mb: cap on the attention rows held for profiling (one layer).
+    compression_ratio: if > 0, a target ratio; T is searched to reach it.
+    tokenizer: to find special/punctuation tokens (kvevict.generate/answer pass theirs).
+    """
+
+    recovery: float = 0.95
+    local_ratio: float = 0.3
+    frequent_ratio: float = 0.3
+    sink_tokens: int = 4
+    profile_window: int | None = None
+    profile_memory_mb: float = 512.0
+    decode_interval: int | None = 32
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    name = "fastgen"
+    needs_tokenizer = True
+    needs_attention = True
+    observed_state = ("_profiles", "profile_seconds")
+    # T and the tokenizer do not change what is observed (token kinds are stored with the rows)
+    SIZING_PARAMS: ClassVar[frozenset[str]] = Policy.SIZING_PARAMS | {"recovery", "tokenizer"}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget is not None:
+            raise ValueError("fastgen sizes each head by its recovery, not by a budget: give recovery "
+                             "(or compression_ratio as a target), not budget")
+        if self.allocation != "uniform" or self.head_floor is not None:
+            raise ValueError("fastgen chooses a policy per head; allocation and head_floor do not apply")
+        if not isinstance(self.recovery, (int, float)) or not 0.0 <= float(self.recovery) <= 1.0:
+            raise ValueError(f"recovery must be in [0, 1], got {self.recovery!r}")
+        for name in ("local_ratio", "frequent_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        window = self.profile_window
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"profile_window must be a positive number of query rows or None, got {window!r}")
+        if not isinstance(self.profile_memory_mb, (int, float)) or not self.profile_memory_mb > 0:
+            raise ValueError(f"profile_memory_mb must be > 0, got {self.profile_memory_mb!r}")
+
+    @property
+    def evicts(self) -> bool:
+        return True
+
+    def bind(self, cache) -> None:
+        super().bind(cache)
+        self._profiles: dict[int, _LayerProfile] = {}
+        self._choices: dict[int, torch.Tensor] | None = None
+        self._threshold: torch.Tensor | None = None
+        self._kinds: torch.Tensor | None = None
+        self._last_ids: torch.Tensor | None = None
+        self._last_kinds: torch.Tensor | None = None
+        self.profile_seconds = 0.0
+
+    def describe(self) -> str:
+        if self.compression_ratio:
+            return f"fastgen(target ratio={self.compression_ratio:g})"
+        return f"fastgen(T={self.recovery:g})"
+
+    def copy_observations(self, source: Policy) -> None:
+        super().copy_observations(source)
+        self._choices = None  # re-chosen with this policy's own T
+        if self.tokenizer is None:  # new tokens need kinds too: take the observer's tokenizer
+            self.set_tokenizer(source.tokenizer)
+
+    # ------------------------------------------------------------------ token ids
+    def set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._kinds = None
+
+    def initial_stats(self, layer_idx, input_ids, positions):
+        if input_ids is None:
+            raise ValueError("fastgen reads token ids: call the model with input_ids (not inputs_embeds)")
+        if input_ids is not self._last_ids:  # one look-up per forward, shared by the layers
+            if self._kinds is None:
+                if self.tokenizer is None:
+                    raise ValueError("fastgen needs the tokenizer to find special and punctuation tokens: pass "
+                                     "tokenizer= to make_policy (kvevict.generate/answer pass it themselves)")
+                self._kinds = token_kinds(self.tokenizer).to(input_ids.device)
+            table = self._kinds
+            known = input_ids < table.numel()  # ids past the tokenizer's vocabulary (padded embeddings): other
+            self._last_kinds = torch.where(known, table[input_ids.clamp(max=table.numel() - 1)], 0).float()
+            self._last_ids = input_ids
+        heads = self._cache.layers[layer_idx].store.heads
+        return {KIND_STAT: self._last_kinds.unsqueeze(1).expand(-1, heads, -1)}
+
+    # ------------------------------------------------------------------ observation
+    def observe(self, layer_idx, ctx):
+        if layer_idx not in self._profiles and ctx.queries.shape[-2] > 1:
+            self._profile_layer(layer_idx, ctx)
+        elif self._tracks_attention(layer_idx):
+            group = ctx.queries.shape[2]
+            acc = accumulated_attention(ctx.queries, ctx.view.keys, ctx.query_positions, ctx.view.positions,
+                                        ctx.scaling, ctx.query_valid, ctx.sliding_window)
+            ctx.add_stat(SCORE_STAT, acc / group)
+
+    def _tracks_attention(self, layer_idx: int) -> bool:
+        """Cumulative attention is needed before profiling and, after it, for layers with a frequent head."""
+        if layer_idx not in self._profiles:
+            return True
+        choice = self._resolve()[layer_idx]
+        return bool(((choice >= 2) & (choice <= 3)).any())
+
+    def _profile_layer(self, layer_idx, ctx) -> None:
+        """Read the prompt's attention block by block: cumulative scores and each candidate's recovery."""
+        started = time.perf_counter()
+        queries, keys, key_positions = ctx.queries, ctx.view.keys, ctx.view.positions
+        B, H, G, T, _ = queries.shape
+        L = keys.shape[2]
+        read = T if self.profile_window is None else min(T, self.profile_window)
+        # rows of group-reduced attention kept until the cumulative scores are final (fp32, one layer at a time)
+        fit = int(self.profile_memory_mb * 2**20) // max(1, B * H * L * 4)
+        profiled = max(1, min(read, fit))
+        first_read, first_profiled = T - read, T - profiled
+        block = max(16, min(512, 2**24 // max(1, B * H * G * L)))  # about 64 MiB of logits per block
+        totals = torch.zeros(B, H, L, dtype=torch.float32, device=keys.device)
+        kept_blocks = []
+        for start in range(first_read, T, block):
+            stop = min(T, start + block)
+            # keys past the block's last query are invisible to it: only the visible prefix of slots is read
+            seen = ((key_positions >= 0) & (key_positions <= ctx.query_positions[stop - 1])).flatten(0, 1).any(0)
+            width = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
+            probs = group_attention(queries[..., start:stop, :], keys[:, :, :width], ctx.query_positions[start:stop],
+                                    key_positions[..., :width], ctx.scaling, ctx.query_valid[:, start:stop])
+            totals[..., :width] += probs.sum(2)
+            if stop > first_profiled:
+                low = max(start, first_profiled)
+                kept_blocks.append((low, stop, probs[:, :, low - start:]))
+        ctx.add_stat(SCORE_STAT, totals)
+        del totals
+        cumulative, kinds, rel_keys = ctx.stat(SCORE_STAT), ctx.stat(KIND_STAT), ctx.relative_positions()
+        row_start = ctx.row_start.clamp(min=0)
+        prompt_len = self._cache.tokens_seen + ctx.query_valid.sum(1)
+        local_window = torch.ceil(self.local_ratio * prompt_len.double()).long()
+        mass = torch.zeros(B, H, 5, dtype=torch.float64, device=keys.device)
+        while kept_blocks:
+            low, stop, probs = kept_blocks.pop(0)
+            width = probs.shape[-1]
+            rel_queries = torch.where(ctx.query_valid[:, low:stop],
+                                      ctx.query_positions[low:stop].view(1, -1) - row_start.view(-1, 1), -1)
+            for sub in range(0, stop - low, _ROW_BLOCK):
+                mass += recovered_mass(
+                    probs[:, :, sub:sub + _ROW_BLOCK], rel_queries[:, sub:sub + _ROW_BLOCK], kinds[..., :width],
+                    rel_keys[..., :width], cumulative[..., :width], local_window, self.frequent_ratio,
+                    self.protected_prefix(), self.window,
+                )
+            del probs
+        rows = ctx.query_valid[:, first_profiled:].sum(-1).clamp(min=1).view(B, 1, 1)
+        recovery = (mass / rows).float()
+        last = ctx.query_positions[-1] - row_start
+        kept = torch.stack([
+            self._keep(torch.full((B, H), c, dtype=torch.long, device=keys.device), kinds, cumulative, rel_keys,
+                       last, prompt_len, local_window).sum(-1)
+            for c in range(len(CANDIDATES))
+        ], dim=-1)
+        self._profiles[layer_idx] = _LayerProfile(recovery.cpu(), kept.cpu(), local_window, prompt_len,
+                                                  int(ctx.query_valid[:, first_profiled:].sum(-1).min()))
+        self._choices = None
+        self.profile_seconds += time.perf_counter() - started
+
+    def _keep(self, choice, kinds, cumulative, positions, last, current_len, local_window) -> torch.Tensor:
+        return head_keep_mask(choice, kinds, cumulative, positions, last, current_len, local_window,
+                              self.frequent_ratio, self.protected_prefix(), self.window)
+
+    # ------------------------------------------------------------------ choices
+    def _resolve(self) -> dict[int, torch.Tensor]:
+        """Each profiled layer's choice [B, H], with T fixed or searched for the target ratio."""
+        if self._choices is not None:
+            return self._choices
+        layers = sorted(self._profiles)
+        recovery = torch.stack([self._profiles[layer].recovery for layer in layers])  # [N, B, H, 5]
+        kept = torch.stack([self._profiles[layer].kept for layer in layers])
+        B, H = recovery.shape[1:3]
+        thresholds = torch.full((B,), float(self.recovery))
+        if self.compression_ratio:
+            prompt_len = self._profiles[layers[0]].prompt_len.cpu()
+            for b in range(B):  # one search per sequence: each has its own profile
+                total = float(prompt_len[b]) * len(layers) * H
+                per_head = (recovery[:, b].reshape(-1, 5), kept[:, b].reshape(-1, 5).double())
+                thresholds[b], _ = search_threshold(*per_head, total, float(self.compression_ratio))
+        choices = choose(recovery, thresholds.view(1, B, 1, 1)).long()
+        self._threshold = thresholds
+        self._choices = {layer: choices[i] for i, layer in enumerate(layers)}
+        return self._choices
+
+    def target_tokens(self, tokens_seen):
+        # No budget: each head keeps what its rule keeps (at most everything), so nothing exceeds a target.
+        return tokens_seen.clone()
+
+    # ------------------------------------------------------------------ eviction
+    def score(self, layer_idx, ctx):
+        """1 where the head's own policy keeps the token, 0 where it drops it (all 1 before profiling)."""
+        if layer_idx not in self._profiles:
+            return torch.ones(ctx.view.positions.shape, device=ctx.view.positions.device)
+        choice = self._resolve()[layer_idx].to(ctx.view.positions.device)
+        cache = self._cache
+        last = (cache.seen - 1) - cache.row_start.clamp(min=0)
+        keep = self._keep(choice, ctx.stat(KIND_STAT), ctx.stat(SCORE_STAT), ctx.relative_positions(), last,
+                          cache.tokens_seen, self._profiles[layer_idx].local_window)
+        return keep.float()
+
+    def select(self, scores, positions, row_start, tokens_seen, last_position):
+        return {layer: (score > 0.5) & (positions[layer] >= 0) for layer, score in scores.items()}
+
+    # ------------------------------------------------------------------ reporting
+    def head_choices(self) -> dict[int, torch.Tensor]:
+        """Chosen candidate per profiled layer: {layer: LongTensor [B, H]} (index into CANDIDATES)."""
+        return {layer: c.clone() for layer, c in self._resolve().items()}
+
+    def head_recovery(self) -> dict[int, torch.Tensor]:
+        """Recovery of every candidate on the profiled rows: {layer: [B, H, 5]}."""
+        return {layer: p.recovery.clone() for layer, p in self._profiles.items()}
+
+    def candidate_kept(self) -> dict[int, torch.Tensor]:
+        """Tokens each candidate keeps at the end of the prompt: {layer: LongTensor [B, H, 5]}."""
+        return {layer: p.kept.clone() for layer, p in self._profiles.items()}
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """The T used per sequence ([B]): `recovery`, or the one searched for `compression_ratio`."""
+        self._resolve()
+        return self._threshold.clone()
+
+    def profile_ratio(self) -> torch.Tensor:
+        """Fraction of the prompt's (evictable layer, KV head, token) entries the chosen policies drop: [B]."""
+        choices = self._resolve()
+        kept = sum(p.kept.gather(-1, choices[layer].unsqueeze(-1)).sum((1, 2)).double()
+                   for layer, p in self._profiles.items())
+        first = next(iter(self._profiles.values()))
+        total = first.prompt_len.cpu().double() * len(self._profiles) * first.kept.shape[1]
+        return 1.0 - kept / total
+
+    def achieved_ratio(self) -> torch.Tensor:
+        """Fraction of (evictable layer, KV head, token) entries removed right now, from the cache's kept counts
+        vs the real tokens seen: [B]."""
+        cache = self._cache
+        layers = [layer.layer_idx for layer in cache.layers if layer.evictable and layer.store is not None]
+        counts = cache.kept_counts()[layers]  # [N, B, H]
+        total = cache.tokens_seen.cpu().double() * counts.shape[0] * counts.shape[2]
+        return 1.0 - counts.sum((0, 2)).double() / total
+
+
+# ---------------------------------------------------------------------------------------- profiling report
+def prompt_ids(tokenizer, prompt: str) -> tuple[torch.Tensor, bool]:
+    """Token ids [1, n] of `prompt` as kvevict.generate feeds it (through the chat template when the tokenizer
+    has one, which is where chat special tokens come from), and whether the template was used."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=False)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).input_ids
+    if ids.shape[1] < 2:
+        raise ValueError("prompt is too short to profile: give at least two tokens")
+    return ids, chat
+
+
+def timed_prefill(model, cache, input_ids: torch.Tensor) -> float:
+    """Seconds one forward of `input_ids` into `cache` takes (logits of the last token only)."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - started
+
+
+def summarize(policy: FastGenPolicy, cache, row: int = 0) -> dict:
+    """What the profile chose for batch row `row` and what the cache holds: plain numbers for reports.
+
+    fractions: share of (evictable layer, KV head) pairs per candidate; compression_ratio: from the cache's kept
+    counts (evictable layers); recovery_mean/min: recovery of the chosen candidates on the profiled rows;
+    grid: [layers][heads] chosen candidate, -1 for layers never evicted (sliding window).
+    """
+    choices, recovery, kept_now = policy.head_choices(), policy.head_recovery(), cache.kept_counts()
+    layers = sorted(choices)
+    heads = kept_now.shape[2]
+    grid = torch.full((len(cache.layers), heads), -1, dtype=torch.long)
+    chosen_recovery, per_layer = [], []
+    for layer in layers:
+        choice = choices[layer][row]
+        grid[layer] = choice
+        rec = recovery[layer][row].gather(-1, choice.view(-1, 1)).squeeze(-1)
+        chosen_recovery.append(rec)
+        per_layer.append({"layer": layer, "policy": [CANDIDATES[int(c)] for c in choice],
+                          "recovery": [round(float(r), 4) for r in rec], "kept": kept_now[layer, row].tolist()})
+    chosen = torch.cat(chosen_recovery)
+    picked = grid[layers].flatten()
+    return {
+        "threshold": float(policy.threshold[row]),
+        "target_ratio": float(policy.compression_ratio) or None,
+        "evictable_layers": len(layers),
+        "kv_heads": heads,
+        "profiled_rows": min(p.rows for p in policy._profiles.values()),
+        "fractions": {name: float((picked == c).float().mean()) for c, name in enumerate(CANDIDATES)},
+        "compression_ratio": float(policy.achieved_ratio()[row]),
+        "kv_bytes": cache.nbytes(),
+        "full_kv_bytes": cache.full_nbytes(),
+        "recovery_mean": float(chosen.mean()),
+        "recovery_min": float(chosen.min()),
+        "layers": per_layer,
+        "grid": grid.tolist(),
+    }
+
+
+def profile_stats(model, tokenizer, prompt: str, policy: FastGenPolicy, baseline: bool = True) -> dict:
+    """Prefill `prompt` (batch 1) with `policy` and summarize its profile; with `baseline`, first time a prefill
+    with the full cache (after a short warm-up). Returns plain numbers, plus the cache under "_cache"."""
+    from ..cache import EvictingCache
+    from . import make_policy
+
+    if not isinstance(policy, FastGenPolicy):
+        raise ValueError(f"policy must be a fastgen policy, got {type(policy).__name__}")
+    ids, chat = prompt_ids(tokenizer, prompt)
+    stats: dict[str, Any] = {"model": getattr(model.config, "name_or_path", "") or type(model).__name__,
+                             "prompt_tokens": int(ids.shape[1]), "chat_template": chat}
+    if baseline:
+        timed_prefill(model, EvictingCache(model, make_policy("full")), ids[:, :64])  # warm-up
+        stats["prefill_full_s"] = timed_prefill(model, EvictingCache(model, make_policy("full")), ids)
+    policy.set_tokenizer(tokenizer)
+    cache = EvictingCache(model, policy)
+    stats["prefill_fastgen_s"] = timed_prefill(model, cache, ids)
+    stats["profile_s"] = policy.profile_seconds
+    if baseline:
+        stats["profile_pct_of_prefill"] = 100.0 * stats["profile_s"] / stats["prefill_full_s"]
+    stats.update(summarize(policy, cache))
+    stats["_cache"] = cache
+    return stats
+
+
+def plot_heads(grid, path: Path, title: str) -> Path:
+    """Heat map layer x KV head -> chosen policy (grey: sliding-window layers, never evicted). Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    grid = torch.as_tensor(grid)
+    colors = ["#d9d9d9", "#1b9e77", "#66a61e", "#e6ab02", "#d95f02", "#7570b3"]
+    cmap = ListedColormap(colors)
+    norm = BoundaryNorm([i - 1.5 for i in range(len(colors) + 1)], cmap.N)
+    layers, heads = grid.shape
+    fig, ax = plt.subplots(figsize=(4.6 + 0.5 * heads, 1.6 + 0.22 * layers))
+    ax.imshow(grid.numpy(), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(heads))
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(0, layers, max(1, layers // 15)))
+    ax.set_title(title, fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i + 1]) for i in range(len(CANDIDATES))]
+    labels = list(CANDIDATES)
+    if bool((grid < 0).any()):
+        handles.insert(0, plt.Rectangle((0, 0), 1, 1, color=colors[0]))
+        labels.insert(0, "sliding window (not evicted)")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_report(stats: dict) -> str:
+    """The printed profiling report: per-layer table, fractions of heads per policy, ratio, recovery, timing."""
+    heads = stats["kv_heads"]
+    lines = [
+        f"FastGen profile of {stats['model']}: {stats['prompt_tokens']} prompt tokens"
+        f"{' (chat template)' if stats['chat_template'] else ''}, {stats['profiled_rows']} query rows profiled, "
+        f"T = {stats['threshold']:.4f}"
+        + (f" (searched for target ratio {stats['target_ratio']:g})" if stats.get("target_ratio") else ""),
+        "",
+        "layer | " + " | ".join(f"head {h}: policy, recovery, kept" for h in range(heads)),
+    ]
+    for row in stats["layers"]:
+        cells = [f"{SHORT_NAMES[CANDIDATES.index(p)]:>7} {r:.3f} {k:>6}"
+                 for p, r, k in zip(row["policy"], row["recovery"], row["kept"])]
+        lines.append(f"{row['layer']:>5} | " + " | ".join(cells))
+    skipped = stats["evictable_layers"] != len(stats["grid"])
+    lines += [
+        "",
+        "legend: S = special, P = punctuation, F = frequent, L = local"
+        + ("; sliding-window layers are not profiled (never evicted)" if skipped else ""),
+        "heads per policy: " + ", ".join(f"{name} {100 * f:.1f}%" for name, f in stats["fractions"].items()),
+        f"compression ratio (evictable layers): {stats['compression_ratio']:.4f}   "
+        f"KV bytes {stats['kv_bytes'] / 2**20:.1f} MiB of {stats['full_kv_bytes'] / 2**20:.1f} MiB",
+        f"recovery of the chosen policies: mean {stats['recovery_mean']:.4f}, min {stats['recovery_min']:.4f}",
+    ]
+    timing = f"profiling {stats['profile_s']:.3f} s; prefill with fastgen {stats['prefill_fastgen_s']:.3f} s"
+    if "prefill_full_s" in stats:
+        timing += (f", with the full cache {stats['prefill_full_s']:.3f} s "
+                   f"(profiling = {stats['profile_pct_of_prefill']:.1f}% of the full prefill)")
+    lines.append(timing)
+    return "\n".join(lines)
+
+
+def profile(model, tokenizer, prompt: str, policy: FastGenPolicy, out_dir: Path) -> str:
+    """`kvevict profile --policy fastgen`: profile `prompt`, write the heat map PNG into out_dir, return the report."""
+    stats = profile_stats(model, tokenizer, prompt, policy)
+    stats.pop("_cache")
+    name = Path(str(stats["model"])).name or "model"
+    png = plot_heads(stats["grid"], Path(out_dir) / f"fastgen_heads_{name}_T{stats['threshold']:.2f}.png",
+                     f"FastGen {name}\nT={stats['threshold']:.3f}, ratio {stats['compression_ratio']:.3f}")
+    return format_report(stats) + f"\nheat map: {png}"
