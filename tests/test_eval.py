@@ -121,3 +121,14 @@ def test_eval_bad_input_fails_before_loading_a_model(argv, message, monkeypatch)
     monkeypatch.setattr("kvevict.models.load_model", no_load)
     with pytest.raises(SystemExit, match=message):
         main(["eval", "--model", "smollm2-135m", *argv])
+
+
+def test_labelled_policy_variants_get_their_own_runs(tok, tmp_path):
+    model = tiny_model("llama", max_position_embeddings=8192)
+    cfg = EvalConfig(model="tiny", policies=["snapkv", "snapkv@w16"], ratios=[0.5], context_length=300,
+                     tasks=["fidelity"], samples=1, out=str(tmp_path),
+                     policy_args={"snapkv": {"window": 4}, "snapkv@w16": {"window": 16, "observation_window": 16}})
+    rows = run_eval(cfg, model=model, tokenizer=tok, progress=False)
+    assert {r["policy"] for r in rows} == {"snapkv", "snapkv@w16"}
+    configs = [json.loads((run_dir(tmp_path, r) / "config.json").read_text()) for r in plan_runs(cfg)]
+    assert [c["policy_params"]["window"] for c in configs] == [4, 16]

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="sweep policies x ratios x tasks; resumable; writes CSV, Markdown and a plot")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--policies", default="snapkv,h2o,streamingllm", help="comma-separated policy names")
+    p.add_argument("--policies", default="snapkv,h2o,streamingllm",
+                   help="comma-separated policy names; NAME@LABEL runs NAME under its own label (e.g. ablations "
+                        "with --policy-args '{\"ahakv@no-ra\": {\"recent_accumulation\": false}}')")
     p.add_argument("--ratios", default="0,0.5,0.75,0.9", help="comma-separated compression ratios in [0, 1)")
     p.add_argument("--tasks", default="niah_single,vt,fidelity",
                    help="comma-separated: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, qa, "

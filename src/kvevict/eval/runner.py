@@ -61,7 +61,13 @@ class Run:
         return f"{self.policy}-r{self.ratio:g}"
 
 
+def base_name(label: str) -> str:
+    """The registered policy behind a label: "ahakv@no-ra" is the ahakv policy, labelled for its own runs."""
+    return label.split("@", 1)[0]
+
+
 def policy_params(cfg: EvalConfig, name: str, ratio: float, task: str) -> dict:
+    """Parameters of the policy labelled `name`: --policy-args for every policy, or {label: {...}} per label."""
     args = cfg.policy_args
     per_policy = any(isinstance(v, dict) for v in args.values())
     params = dict(args.get(name, {}) if per_policy else args)
@@ -73,7 +79,7 @@ def policy_params(cfg: EvalConfig, name: str, ratio: float, task: str) -> dict:
 
 
 def build_policy(cfg: EvalConfig, run: Run) -> Policy:
-    return make_policy(run.policy, **policy_params(cfg, run.policy, run.ratio, run.task))
+    return make_policy(base_name(run.policy), **policy_params(cfg, run.policy, run.ratio, run.task))
 
 
 def plan_runs(cfg: EvalConfig) -> list[Run]:
