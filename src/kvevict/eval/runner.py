@@ -208,16 +208,17 @@ class SampleEvaluator:
         prefix = _ids(ctx, self.device) if not self.cfg.query_aware else full[:, :-1]
         max_new = self.cfg.max_new_tokens or MAX_NEW_TOKENS[sample.task]
         outputs, sizes = {}, {}
-        if self.cfg.query_aware:  # decoding may evict, per policy: one run at a time
-            for run, cache in self._caches(prefix):
-                sizes[run] = _sizes(cache)
-                outputs[run] = _greedy(self.model, self.tok, cache, full, max_new, frozen=False)
-        else:  # every compressed context answers the same question: batched, nothing evicted while answering
-            caches = dict(self._caches(prefix))
-            sizes = {run: _sizes(cache) for run, cache in caches.items()}
-            for group in _same_size_groups(caches):
-                stacked = EvictingCache.stack([caches.pop(run) for run in group])
-                outputs.update(zip(group, _greedy_batch(self.model, self.tok, stacked, full, max_new)))
+        caches = dict(self._caches(prefix))
+        sizes = {run: _sizes(cache) for run, cache in caches.items()}
+        if self.cfg.query_aware:
+            # a policy that would evict while answering (decode_interval within the answer) answers alone
+            for run in [r for r, c in caches.items() if (c.policy.decode_interval or max_new + 2) <= max_new + 1
+                        and c.policy.evicts]:
+                outputs[run] = _greedy(self.model, self.tok, caches.pop(run), full, max_new, frozen=False)
+        # every other compressed context answers the same question: batched, nothing evicted while answering
+        for group in _same_size_groups(caches):
+            stacked = EvictingCache.stack([caches.pop(run) for run in group])
+            outputs.update(zip(group, _greedy_batch(self.model, self.tok, stacked, full, max_new)))
         rows = {}
         for run, out in outputs.items():
             prediction = self.tok.decode(out, skip_special_tokens=True)
