@@ -12,6 +12,7 @@ the forward itself or prefills in chunks gets its own prefill. Ratio 0 is one sh
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -356,6 +357,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         for sample in tqdm(samples, desc=f"{task} ({len(todo)} runs)", disable=not progress):
             for run, row in evaluate(sample).items():
                 rows[run].append({"index": sample.index, **row})
+            gc.collect()  # caches and policies point at each other: free this sample's caches now
         seconds = (time.perf_counter() - start) / len(todo)
         for run in todo:
             write_run(out, cfg, run, rows[run], seconds)
