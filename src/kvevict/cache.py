@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import weakref
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def __init__(self, cache: EvictingCache, layer_idx: int, sliding_window: int | None):
         super().__init__()
-        self.cache, self.layer_idx = cache, layer_idx
+        self.cache, self.layer_idx = weakref.proxy(cache), layer_idx  # the cache owns its layers
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.store: LayerStore | None = None

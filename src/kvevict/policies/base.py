@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
@@ -75,10 +76,19 @@ class Policy:
     query_window: ClassVar[int] = 0
     # Whether `observe` needs the attention probabilities (costs an extra pass over the keys).
     needs_attention: ClassVar[bool] = False
-    _cache: EvictingCache | None = field(default=None, init=False, repr=False, compare=False)
+    _cache_ref: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    # The cache owns its policy; the policy only points back weakly, so a dropped cache is freed at once.
+    @property
+    def _cache(self) -> EvictingCache | None:
+        return None if self._cache_ref is None else self._cache_ref()
+
+    @_cache.setter
+    def _cache(self, cache: EvictingCache | None) -> None:
+        self._cache_ref = None if cache is None else weakref.ref(cache)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -120,7 +130,7 @@ class Policy:
     # ------------------------------------------------------------------ lifecycle
     def bind(self, cache: EvictingCache) -> None:
         """Attach to the one cache this policy configures."""
-        if self._cache is not None and self._cache is not cache:
+        if self._cache_ref is not None and self._cache is not cache:  # bound before (even if that cache is gone)
             raise ValueError(f"this {self.name} policy already configures another cache; make a new policy per cache")
         self._cache = cache
         self._queries: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -336,7 +346,7 @@ class ObserverSet(Policy):
     def bind(self, cache) -> None:
         super().bind(cache)
         for member in self.members.values():
-            member._cache = None
+            member._cache_ref = None
             member.bind(cache)
 
     def set_tokenizer(self, tokenizer) -> None:
