@@ -48,3 +48,23 @@ def test_fused_column_sums_match_eager(past, monkeypatch):
     monkeypatch.setattr(attn, "_column_sums_flash", lambda *args: None)
     eager = attn.accumulated_attention(q, k, qpos, kpos, 0.25, weight)
     assert torch.allclose(fused, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_hidden_keys_are_not_attended_but_a_query_sees_itself(T):
+    torch.manual_seed(2)
+    B, H, G, d, L = 1, 2, 2, 8, 9
+    q, k, v = torch.randn(B, H * G, T, d), torch.randn(B, H, L, d), torch.randn(B, H, L, d)
+    qpos = torch.arange(L - T, L)
+    kpos = torch.arange(L).view(1, 1, L).expand(B, H, L).clone().int()
+    visible = torch.rand(B, H, L) > 0.5
+    visible[..., -1] = False  # the newest key is hidden, yet its own query still sees it
+    got = attn.evicted_attention(q, k, v, qpos, kpos, 0.3, visible=visible, heads_aligned=True, no_empty_slots=True)
+    own = kpos.unsqueeze(2) == qpos.view(1, 1, -1, 1)
+    seen = visible.unsqueeze(2) | own  # [B, H, T, L]
+    G_seen = seen.repeat_interleave(G, 1)
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    causal = kpos.repeat_interleave(G, 1).unsqueeze(2) <= qpos.view(1, 1, -1, 1)
+    logits = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(~(G_seen & causal), float("-inf"))
+    want = (logits.softmax(-1) @ vv).transpose(1, 2)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -202,6 +202,11 @@ class EvictingCache(Cache):
             if interval is not None and self._steps_since_eviction >= interval:
                 self.evict(reserve=interval)
 
+    @property
+    def current_tokens_valid(self) -> torch.Tensor | None:
+        """Which tokens of the forward in progress are real (not padding): [B, T]; None between forwards."""
+        return None if self._step is None else self._step.valid
+
     # ------------------------------------------------------------------ transformers Cache protocol
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         step = self._step

@@ -1,0 +1,195 @@
+"""Attention-Gate on a real model: achieved eviction ratio on held-out text, runtime overhead, and quality against
+StreamingLLM, H2O and SnapKV at the achieved ratio (through the evaluation harness).
+
+    python benchmarks/attention_gate_eval.py --model smollm2-135m --out results/attention_gate
+
+Writes under --out: heldout_ratio.json (per source: the fraction of KV pairs the cache evicted on held-out
+documents, and the in-context perplexity with and without the gates), overhead.json (prefill and decode time with
+and without the gates, and the gates alone), eval/ (the harness's sweep: summary.csv, summary.md, per-run files)
+and summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import kvevict
+import kvevict.data
+from kvevict.eval import EvalConfig, run_eval
+from kvevict.gates.attention_gate import load_attention_gates, resolve_gates_dir
+from kvevict.train.attention_gate import Corpus
+
+
+def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: int, seed: int) -> dict:
+    """Per source: evicted fraction of the KV cache after a prefill of `length` held-out tokens, and perplexity."""
+    config, gates, meta = load_attention_gates(gates_dir, model)
+    every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
+    corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * windows_per_source)
+    out = {"target_ratio": config.target_ratio, "length": length, "sources": {}}
+    all_kept, all_total = 0, 0
+    for source in corpus.sources:
+        stream = corpus.held_out[source]
+        g = torch.Generator().manual_seed(seed)
+        rows = []
+        for _ in range(windows_per_source):
+            start = int(torch.randint(max(1, len(stream) - length), (1,), generator=g))
+            ids = stream[start : start + length].unsqueeze(0)
+            cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(gates_dir)))
+            with torch.no_grad():
+                logits = model(input_ids=ids, past_key_values=cache).logits
+                gated_nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+                full_logits = model(input_ids=ids).logits  # no cache: the model's own attention
+                full_nll = torch.nn.functional.cross_entropy(full_logits[0, :-1].float(), ids[0, 1:]).item()
+            counts = cache.kept_counts().double()  # [layers, 1, heads]
+            per_layer = 1.0 - counts.mean(dim=(1, 2)) / ids.shape[1]
+            rows.append({"evicted": 1.0 - float(counts.mean()) / ids.shape[1], "bytes_saved": cache.compression(),
+                         "layer_min": float(per_layer.min()), "layer_max": float(per_layer.max()),
+                         "ppl_gated": float(torch.tensor(gated_nll).exp()), "ppl_full": float(torch.tensor(full_nll).exp())})
+            all_kept += float(counts.sum())
+            all_total += counts.numel() * ids.shape[1]
+        out["sources"][source] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    out["evicted"] = 1.0 - all_kept / all_total
+    return out
+
+
+def overhead(model, tok, gates_dir: Path, length: int, decode: int, repeats: int) -> dict:
+    """Seconds for a prefill of `length` tokens and ms per decoded token, full cache vs attention-gate, and the
+    gates alone on the same hidden states."""
+    text = " ".join(t for _, t in kvevict.data.essays())
+    ids = tok(text, return_tensors="pt").input_ids[:, :length]
+
+    def run(policy_name):
+        best_prefill, best_decode = float("inf"), float("inf")
+        for _ in range(repeats):
+            policy = kvevict.make_policy(policy_name, **({"gates": str(gates_dir)} if policy_name != "full" else {}))
+            cache = kvevict.EvictingCache(model, policy)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, past_key_values=cache)
+                t1 = time.perf_counter()
+                nxt = out.logits[:, -1:].argmax(-1)
+                for _ in range(decode):
+                    nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                t2 = time.perf_counter()
+            best_prefill = min(best_prefill, t1 - t0)
+            best_decode = min(best_decode, (t2 - t1) / decode)
+        return best_prefill, best_decode
+
+    full = run("full")
+    gated = run("attention-gate")
+    config, gates, _ = load_attention_gates(gates_dir, model)
+    hidden = torch.randn(1, length, model.config.hidden_size)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for gate in gates.values():
+                gate(hidden)
+            best = min(best, time.perf_counter() - t0)
+    params = sum(p.numel() for p in gates.parameters())
+    return {"length": length, "decode_tokens": decode, "repeats": repeats,
+            "prefill_s": {"full": full[0], "attention-gate": gated[0]},
+            "decode_ms_per_token": {"full": 1e3 * full[1], "attention-gate": 1e3 * gated[1]},
+            "gates_alone_prefill_s": best, "gate_parameters": params,
+            "model_parameters": sum(p.numel() for p in model.parameters()),
+            "gate_state_bytes_per_row": len(gates) * (config.window - 1) * config.heads * config.head_dim * 2 * 4,
+            "threads": torch.get_num_threads()}
+
+
+def write_summary(out: Path) -> str:
+    """summary.md from whatever parts exist under `out`."""
+    import csv
+
+    lines = ["# Attention-Gate: held-out ratio, overhead, quality vs training-free baselines", ""]
+    if (out / "heldout_ratio.json").is_file():
+        held = json.loads((out / "heldout_ratio.json").read_text())
+        lines += [f"## Achieved eviction on held-out text ({held['length']}-token prefills, target {held['target_ratio']})",
+                  "", "| source | evicted KV pairs | per-layer min..max | ppl with gates (in-context) | ppl full |",
+                  "|---|---:|---:|---:|---:|"]
+        for source, r in held["sources"].items():
+            lines.append(f"| {source} | {r['evicted']:.3f} | {r['layer_min']:.2f}..{r['layer_max']:.2f} | "
+                         f"{r['ppl_gated']:.2f} | {r['ppl_full']:.2f} |")
+        lines += [f"| all | {held['evicted']:.3f} | | | |", ""]
+    if (out / "overhead.json").is_file():
+        o = json.loads((out / "overhead.json").read_text())
+        lines += [f"## Runtime ({o['length']}-token prefill, {o['decode_tokens']} decoded tokens, best of "
+                  f"{o['repeats']}, {o['threads']} threads)", "",
+                  "| | full cache | attention-gate |", "|---|---:|---:|",
+                  f"| prefill (s) | {o['prefill_s']['full']:.2f} | {o['prefill_s']['attention-gate']:.2f} |",
+                  f"| decode (ms/token) | {o['decode_ms_per_token']['full']:.1f} | "
+                  f"{o['decode_ms_per_token']['attention-gate']:.1f} |", "",
+                  f"The gates alone on {o['length']} tokens (all layers): {o['gates_alone_prefill_s']:.2f} s. "
+                  f"Gate parameters: {o['gate_parameters']:,} ({100 * o['gate_parameters'] / o['model_parameters']:.2f}% "
+                  f"of the model); gate state while decoding: {o['gate_state_bytes_per_row'] / 2**20:.2f} MiB per "
+                  "batch row.", ""]
+    summary = out / "eval" / "summary.csv"
+    if summary.is_file():
+        with open(summary) as f:
+            rows = list(csv.DictReader(f))
+        metrics = sorted({k for r in rows for k in r if k.startswith("mean_") and r[k]})
+        lines += ["## Quality at the achieved ratio (evaluation harness)", "",
+                  "| task | policy | ratio | score | kv_fraction | " + " | ".join(metrics) + " |",
+                  "|---|---|---:|---:|---:|" + "---:|" * len(metrics)]
+        for r in rows:
+            values = " | ".join(f"{float(r[m]):.4g}" if r.get(m) else "" for m in metrics)
+            lines.append(f"| {r['task']} | {r['policy']} | {float(r['ratio']):g} | {float(r['score']):.2f} | "
+                         f"{float(r['kv_fraction']):.3f} | {values} |")
+        lines.append("")
+    text = "\n".join(lines)
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--gates", help="gate checkpoint folder (default: the shipped gates)")
+    parser.add_argument("--out", default="results/attention_gate")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--heldout-length", type=int, default=2048)
+    parser.add_argument("--heldout-windows", type=int, default=1, help="windows per source")
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--context-length", type=int, default=2048)
+    parser.add_argument("--tasks", default="fidelity,niah_single")
+    parser.add_argument("--baselines", default="streamingllm,h2o,snapkv")
+    parser.add_argument("--ratio", type=float, help="ratio for the comparison (default: achieved on held-out text)")
+    parser.add_argument("--overhead-repeats", type=int, default=2)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: heldout, overhead, eval")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    model, tok = kvevict.load_model(args.model, dtype=args.dtype)
+    gates_dir = resolve_gates_dir(args.gates, model)
+
+    if "heldout" not in skip:
+        t0 = time.perf_counter()
+        held = heldout_ratio(model, tok, gates_dir, args.heldout_length, args.heldout_windows, seed=0)
+        held["seconds"] = time.perf_counter() - t0
+        (out / "heldout_ratio.json").write_text(json.dumps(held, indent=2))
+        print(json.dumps(held, indent=2))
+    held = json.loads((out / "heldout_ratio.json").read_text())
+    if "overhead" not in skip:
+        over = overhead(model, tok, gates_dir, 2048, 16, args.overhead_repeats)
+        (out / "overhead.json").write_text(json.dumps(over, indent=2))
+        print(json.dumps(over, indent=2))
+    ratio = args.ratio if args.ratio is not None else round(held["evicted"], 2)
+    if "eval" not in skip:
+        cfg = EvalConfig(model=args.model, policies=["attention-gate", *args.baselines.split(",")], ratios=[0.0, ratio],
+                         tasks=args.tasks.split(","), context_length=args.context_length, samples=args.samples,
+                         out=str(out / "eval"), dtype=args.dtype,
+                         policy_args={"attention-gate": {"gates": str(gates_dir)}} if args.gates else {})
+        t0 = time.perf_counter()
+        run_eval(cfg, model=model, tokenizer=tok)
+        print(f"eval took {time.perf_counter() - t0:.0f} s")
+        print((out / "eval" / "summary.md").read_text())
+    print(write_summary(out))
+
+
+if __name__ == "__main__":
+    main()

