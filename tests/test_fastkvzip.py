@@ -148,17 +148,22 @@ def test_gates_for_another_model_are_refused(tmp_path):
 def test_trained_gates_beat_untrained_ones_on_held_out_targets():
     torch.manual_seed(0)
     model, tok = tiny_model("qwen2"), tiny_tokenizer()
-    hidden, targets = {}, {}
-    for text in ["the cat sat on the mat and looked at the hat. " * 8, "numbers 1 2 3 4 5 6 7 8 9 10 " * 10]:
-        h, t = collect_document(model, tok, tok(text).input_ids, chunk_size=200)
-        for i in h:
-            hidden.setdefault(i, []).append(h[i])
-            targets.setdefault(i, []).append(t[i])
-    hidden = {i: torch.cat(v) for i, v in hidden.items()}
-    targets = {i: torch.cat(v) for i, v in targets.items()}
+
+    def collected(texts):
+        hidden, targets = {}, {}
+        for text in texts:
+            h, t = collect_document(model, tok, tok(text).input_ids, chunk_size=200)
+            for i in h:
+                hidden.setdefault(i, []).append(h[i])
+                targets.setdefault(i, []).append(t[i])
+        return {i: torch.cat(v) for i, v in hidden.items()}, {i: torch.cat(v) for i, v in targets.items()}
+
+    hidden, targets = collected(["the cat sat on the mat and looked at the hat. " * 8,
+                                 "numbers 1 2 3 4 5 6 7 8 9 10 " * 10])
+    held_hidden, held_targets = collected(["a dog ran to the mat and sat by the cat, 1 2 3. " * 6])  # never fitted
     gates = build_gates(gate_hyper(model, 8, 4), gated_layers(model))
-    held = torch.arange(len(targets[0]))[1::7]  # a spread of rows to compare on
-    before = gate_metrics(gates, hidden, targets, held)
+    every = torch.arange(len(held_targets[0]))
+    before = gate_metrics(gates, held_hidden, held_targets, every)
     log = fit(gates, hidden, targets, steps=150, batch_tokens=128, lr=0.2, progress=False, log_every=50)
-    after = gate_metrics(gates, hidden, targets, held)
+    after = gate_metrics(gates, held_hidden, held_targets, every)
     assert after["bce"] < before["bce"] and log[-1]["bce"] < log[0]["bce"]
