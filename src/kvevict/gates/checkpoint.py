@@ -22,13 +22,13 @@ IDENTITY_KEYS = ("model_type", "num_hidden_layers", "num_key_value_heads", "num_
 
 
 def save_gates(directory: str | Path, kind: str, model, layers: dict[int, torch.nn.Module], hyper: dict,
-               training: dict | None = None) -> Path:
-    """Write the gates of `layers` ({layer index: module}) for `model` into `directory`."""
+               training: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the gates of `layers` ({layer index: module}) for `model` into `directory`, weights in `dtype`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    tensors = {f"{idx}.{name}": p.detach().to(torch.float32).contiguous().cpu()
+    tensors = {f"{idx}.{name}": p.detach().to(dtype).contiguous().cpu()
                for idx, module in layers.items() for name, p in module.state_dict().items()}
     save_file(tensors, str(directory / "gates.safetensors"))
     meta = {"kind": kind, "model": model_identity(model), "layers": sorted(layers), "hyper": hyper,

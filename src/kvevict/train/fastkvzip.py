@@ -217,7 +217,8 @@ def train(args) -> Path:
         "collect_seconds": round(collect_seconds, 1), "fit_seconds": round(time.time() - start_fit, 1),
         "dtype": args.dtype, "validation": log,
     }
-    out = save_gates(args.out, KIND, model, {i: gates[str(i)] for i in layers}, hyper, training)
+    # float16 halves the file; the gates run in float32 after loading
+    out = save_gates(args.out, KIND, model, {i: gates[str(i)] for i in layers}, hyper, training, dtype=torch.float16)
     (Path(out) / "TRAINING.md").write_text(training_report(args.model, hyper, training, gates))
     print(f"saved {len(layers)} gates ({sum(p.numel() for p in gates.parameters()):,} parameters) to {out}")
     print(json.dumps(log[-1]))
@@ -232,7 +233,7 @@ def training_report(model_name: str, hyper: dict, training: dict, gates) -> str:
         f"# Fast KVzip gates for {model_name}\n\n"
         f"Produced by `{training['command']}` (seed {training['seed']}).\n\n"
         f"- gates: {len(gates)} layers, d_g={hyper['gate_dim']}, {hyper['sinks']} sinks, "
-        f"{sum(p.numel() for p in gates.parameters()):,} parameters; target ratio {hyper['target_ratio']}\n"
+        f"{sum(p.numel() for p in gates.parameters()):,} parameters (stored in float16); target ratio {hyper['target_ratio']}\n"
         f"- data: {training['tokens']:,} context tokens from {len(docs)} documents ({', '.join(sources)}); "
         f"held-out essays never used: {', '.join(training['held_out_essays'])}\n"
         f"- teacher: KVzip scores (repeat passes over ~2k-token chunks), model in {training['dtype']}\n"
