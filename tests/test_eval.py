@@ -132,3 +132,32 @@ def test_labelled_policy_variants_get_their_own_runs(tok, tmp_path):
     assert {r["policy"] for r in rows} == {"snapkv", "snapkv@w16"}
     configs = [json.loads((run_dir(tmp_path, r) / "config.json").read_text()) for r in plan_runs(cfg)]
     assert [c["policy_params"]["window"] for c in configs] == [4, 16]
+
+
+@pytest.mark.parametrize("policy", ["kvzip", "fastgen", "snapkv"])
+def test_a_shared_prefill_evicts_as_the_policy_alone_would(tok, policy):
+    import torch
+
+    import kvevict
+    from kvevict.api import prefill
+    from kvevict.eval.runner import Run, SampleEvaluator
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", max_position_embeddings=8192)
+    cfg = EvalConfig(model="tiny", policies=[policy, "h2o"], ratios=[0.5], context_length=300,
+                     tasks=["fidelity"], samples=1, out="unused")
+    runs = plan_runs(cfg)
+    prefix = torch.tensor([tok(" ".join(["alpha beta, gamma."] * 40)).input_ids[:200]])
+    shared = dict(SampleEvaluator(model, tok, cfg, runs)._caches(prefix))
+    alone_policy = kvevict.make_policy(policy, compression_ratio=0.5)
+    alone_policy.set_tokenizer(tok)
+    alone = kvevict.EvictingCache(model, alone_policy)
+    prefill(model, alone, prefix, torch.ones_like(prefix), None)
+    forked = shared[Run("fidelity", policy, 0.5)]
+
+    def as_lists(x):
+        return x.tolist() if torch.is_tensor(x) else [as_lists(v) for v in x]
+
+    assert forked.compression() > 0.3
+    for layer in range(model.config.num_hidden_layers):
+        assert as_lists(forked.kept_positions(layer)) == as_lists(alone.kept_positions(layer))

@@ -188,8 +188,9 @@ class SampleEvaluator:
         observed = None
         if shared:
             observers = [build_policy(self.cfg, r) for r in shared if policies[r].observes]  # own instances
+            for observer in observers:  # before grouping: a tokenizer can be part of what a policy observes
+                observer.set_tokenizer(self.tok)
             observed = EvictingCache(self.model, ObserverSet(observers))
-            observed.policy.set_tokenizer(self.tok)
             prefill(self.model, observed, prefix, torch.ones_like(prefix), None)
         for run, policy in policies.items():
             if run in shared:
