@@ -58,10 +58,7 @@ class AttentionGatePolicy(Policy):
             raise ValueError(f"tau must be in (0, 1), got {self.tau!r}")
         if self.sink_tokens is not None and (not isinstance(self.sink_tokens, int) or self.sink_tokens < 0):
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {self.prefill_chunk!r}")
-        if self.decode_interval is not None and self.decode_interval < 1:
-            raise ValueError(f"decode_interval must be a positive number of tokens or None, got {self.decode_interval!r}")
+        self.validate_schedule()
 
     @property
     def evicts(self) -> bool:

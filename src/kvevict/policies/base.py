@@ -113,6 +113,10 @@ class Policy:
         for name in ("sink_tokens", "window"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self.validate_schedule()
+
+    def validate_schedule(self) -> None:
+        """When eviction runs: after prefill chunks of `prefill_chunk` tokens, every `decode_interval` tokens."""
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {self.prefill_chunk!r}")
         if self.decode_interval is not None and self.decode_interval < 1:
