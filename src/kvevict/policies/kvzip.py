@@ -9,7 +9,9 @@ forward pass (removed from the cache afterwards) over a repeat prompt:
 In every layer the repeat queries' attention is taken with a softmax over [protected prefix keys; the chunk's
 keys; the repeat tokens' own keys (causal)], and a key's score is the maximum over the repeat positions and the
 query heads of its GQA group. One threshold over all layers and heads (`allocation="global"`) keeps the top
-(1 - ratio). Cost: about one extra prefill.
+(1 - ratio). Cost: a repeat pass over the whole context whose queries attend to all of it, plus the scoring
+softmax - about 2x the prefill in the paper (GPU); far more on CPU for small models, where attention dominates
+(docs/BENCHMARKS.md).
 
 Choices where the paper leaves room (parameters): the protected prefix is the chat template's opening (system
 turn) when the context starts with it, and at least `sink_tokens`; tokens decoded later are scored by the same
