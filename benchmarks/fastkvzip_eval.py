@@ -107,7 +107,7 @@ def write_summary(out: Path, model_name: str) -> str:
                   f"| trained | {h['trained']['bce']:.4f} | {h['trained']['accuracy']:.3f} |",
                   f"| untrained (seed 0) | {h['untrained']['bce']:.4f} | {h['untrained']['accuracy']:.3f} |", "",
                   f"Training: {tr['tokens']:,} tokens, collection {tr['collect_seconds']} s, fit {tr['steps']} steps "
-                  f"in {tr['fit_seconds']} s (2 CPU cores shared).", ""]
+                  f"in {tr['fit_seconds']} s.", ""]
     if (out / "cost.json").is_file():
         c = json.loads((out / "cost.json").read_text())
         p, d = c["prefill_s"], c["decode_ms_per_token"]
