@@ -160,13 +160,13 @@ class TrainConfig:
     max_tokens_per_source: int = 400_000
     threads: int | None = None
     calibrate: bool = True  # start each gate's bias at the target keep rate (see calibrate_bias)
-    # gate size (GateConfig)
-    heads: int = 4
-    head_dim: int = 16
-    proj_dim: int = 32
-    window: int = 64
-    tau: float = 0.5
-    sink_tokens: int = 4
+    # gate size: GateConfig's defaults
+    heads: int = GateConfig.heads
+    head_dim: int = GateConfig.head_dim
+    proj_dim: int = GateConfig.proj_dim
+    window: int = GateConfig.window
+    tau: float = GateConfig.tau
+    sink_tokens: int = GateConfig.sink_tokens
 
     def validate(self) -> None:
         if not 0.0 < self.target_ratio < 1.0:
