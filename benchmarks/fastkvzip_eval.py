@@ -20,22 +20,14 @@ import torch
 import kvevict
 import kvevict.data
 from kvevict.eval import EvalConfig, run_eval
-from kvevict.gates.checkpoint import read_gates, shipped_gates
-from kvevict.gates.sink_gate import build_gates
+from kvevict.gates.checkpoint import shipped_gates
+from kvevict.gates.sink_gate import build_gates, load_gates
 from kvevict.train.fastkvzip import KIND, collect_document, gate_metrics, held_out_essays, render_context
-
-
-def load_trained(model, folder):
-    meta, weights = read_gates(folder, KIND, model)
-    gates = build_gates(meta["hyper"], meta["layers"])
-    for idx, state in weights.items():
-        gates[str(idx)].load_state_dict(state)
-    return meta, gates.float().eval()
 
 
 def heldout(model, tok, folder, tokens_per_essay: int) -> dict:
     """Gate predictions vs KVzip targets on the essays training never saw; untrained gates (seed 0) for scale."""
-    meta, trained = load_trained(model, folder)
+    meta, trained = load_gates(folder, model)
     torch.manual_seed(0)
     untrained = build_gates(meta["hyper"], meta["layers"]).float().eval()
     hidden, targets = {}, {}
@@ -79,7 +71,7 @@ def cost(model, tok, folder, length: int, ratio: float, decode: int, repeats: in
             old = best.get(name, [float("inf"), float("inf")])
             best[name] = [min(old[0], prefill_s), min(old[1], decode_s)]
             saved = cache.compression()
-    _, gates = load_trained(model, folder)
+    _, gates = load_gates(folder, model)
     hidden = torch.randn(length, model.config.hidden_size)
     gates_alone = float("inf")
     with torch.no_grad():

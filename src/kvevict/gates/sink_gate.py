@@ -79,3 +79,14 @@ def gated_layers(model) -> list[int]:
 def build_gates(hyper: dict, layers: list[int]) -> nn.ModuleDict:
     return nn.ModuleDict({str(i): SinkGate(hyper["hidden_size"], hyper["kv_heads"], hyper["group_size"],
                                            hyper["gate_dim"], hyper["sinks"]) for i in layers})
+
+
+def load_gates(folder, model) -> tuple[dict, nn.ModuleDict]:
+    """(meta, gates in float32, eval mode) of a Fast KVzip checkpoint, refused if it was made for another model."""
+    from .checkpoint import read_gates
+
+    meta, weights = read_gates(folder, "fastkvzip", model)
+    gates = build_gates(meta["hyper"], meta["layers"])
+    for idx, state in weights.items():
+        gates[str(idx)].load_state_dict(state)
+    return meta, gates.float().eval()

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..gates.checkpoint import read_gates, shipped_gates
-from ..gates.sink_gate import build_gates
+from ..gates.checkpoint import shipped_gates
+from ..gates.sink_gate import load_gates
 from .base import Policy
 
 KIND = "fastkvzip"
@@ -60,12 +60,8 @@ class FastKVzipPolicy(Policy):
         super().bind(cache)
         model = cache.model
         folder = self.gates or shipped_gates(KIND, getattr(model.config, "name_or_path", "") or "")
-        meta, weights = read_gates(folder, KIND, model)
-        gates = build_gates(meta["hyper"], meta["layers"])
-        for idx, state in weights.items():
-            gates[str(idx)].load_state_dict(state)
-        device = next(model.parameters()).device
-        self._gates = gates.to(device=device, dtype=torch.float32).eval()
+        meta, gates = load_gates(folder, model)
+        self._gates = gates.to(next(model.parameters()).device)
         self.gate_meta = meta
         if self.compression_ratio is None and self.budget is None:
             self.compression_ratio = float(meta["hyper"]["target_ratio"])
