@@ -20,6 +20,7 @@ import torch
 
 import kvevict
 import kvevict.data
+from kvevict.compat import cache_kwargs
 from kvevict.eval import EvalConfig, run_eval
 from kvevict.gates.attention_gate import load_attention_gates, resolve_gates_dir
 from kvevict.train.attention_gate import Corpus
@@ -41,7 +42,7 @@ def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: 
             ids = stream[start : start + length].unsqueeze(0)
             cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(gates_dir)))
             with torch.no_grad():
-                logits = model(input_ids=ids, past_key_values=cache).logits
+                logits = model(input_ids=ids, **cache_kwargs(cache)).logits
                 gated_nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
                 full_logits = model(input_ids=ids).logits  # no cache: the model's own attention
                 full_nll = torch.nn.functional.cross_entropy(full_logits[0, :-1].float(), ids[0, 1:]).item()
@@ -70,11 +71,11 @@ def overhead(model, tok, gates_dir: Path, length: int, decode: int, repeats: int
             cache = kvevict.EvictingCache(model, policy)
             with torch.no_grad():
                 t0 = time.perf_counter()
-                out = model(input_ids=ids, past_key_values=cache)
+                out = model(input_ids=ids, **cache_kwargs(cache))
                 t1 = time.perf_counter()
                 nxt = out.logits[:, -1:].argmax(-1)
                 for _ in range(decode):
-                    nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                    nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
                 t2 = time.perf_counter()
             best_prefill = min(best_prefill, t1 - t0)
             best_decode = min(best_decode, (t2 - t1) / decode)

@@ -29,6 +29,7 @@ import torch
 
 import kvevict
 from kvevict.attention import attention_probs
+from kvevict.compat import cache_kwargs
 from kvevict.data import haystack
 from kvevict.policies.base import ObserverSet, Policy
 from kvevict.policies.fastgen import CANDIDATES, plot_heads, prompt_ids, summarize, timed_prefill, token_kinds
@@ -80,11 +81,11 @@ def decode_greedy(model, cache, first_logits_ids: torch.Tensor, steps: int) -> l
     """Greedy tokens from an already prefilled cache (the prompt's last token is fed first)."""
     tokens = []
     with torch.no_grad():
-        logits = model(input_ids=first_logits_ids, past_key_values=cache, logits_to_keep=1).logits
+        logits = model(input_ids=first_logits_ids, **cache_kwargs(cache), logits_to_keep=1).logits
         for _ in range(steps):
             token = int(logits[0, -1].argmax())
             tokens.append(token)
-            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, logits_to_keep=1).logits
+            logits = model(input_ids=torch.tensor([[token]]), **cache_kwargs(cache), logits_to_keep=1).logits
     return tokens
 
 

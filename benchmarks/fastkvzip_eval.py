@@ -19,6 +19,7 @@ import torch
 
 import kvevict
 import kvevict.data
+from kvevict.compat import cache_kwargs
 from kvevict.eval import EvalConfig, run_eval
 from kvevict.gates.checkpoint import shipped_gates
 from kvevict.gates.sink_gate import build_gates, load_gates
@@ -49,11 +50,11 @@ def _timed_prefill(model, policy, ids, decode: int = 0) -> tuple[float, float, k
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache)
+        out = model(input_ids=ids, **cache_kwargs(cache))
         nxt = out.logits[:, -1:].argmax(-1)  # the cache evicted at the end of this forward (kvzip: repeat passes)
         t1 = time.perf_counter()
         for _ in range(decode):
-            nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) / max(1, decode), cache
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 import kvevict
 from kvevict.cache import LayerContext
+from kvevict.compat import cache_kwargs
 from kvevict.models import tiny_model, tiny_tokenizer
 from kvevict.policies.ahakv import AhaKVPolicy, profile, step_gain_lambda, value_prior_weights
 from kvevict.policies.base import ObserverSet
@@ -28,7 +29,7 @@ def setup():
     model.set_attn_implementation("eager")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, output_attentions=True)
+        out = model(input_ids=ids, **cache_kwargs(cache), output_attentions=True)
     attn = [a[0] for a in out.attentions]
     values = [layer.values[0] for layer in cache.layers]
     return model, ids, attn, values
@@ -44,7 +45,7 @@ def scores_before_eviction(model, ids, policy):
     observer = ObserverSet([AhaKVPolicy(**policy.params())])  # observes without evicting
     observed = kvevict.EvictingCache(model, observer)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=observed)
+        model(input_ids=ids, **cache_kwargs(observed))
     fork = observed.fork(policy)
     out = {}
     for layer in fork.layers:
@@ -166,7 +167,7 @@ def test_prefill_keeps_top_scores_plus_r_most_recent(setup):
     budget = 20
     cache = kvevict.EvictingCache(model, ahakv(budget=budget))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     ratio = step_gain_lambda(PROMPT, budget, model.config.head_dim) / model.config.head_dim**-0.5
     for layer in range(2):
         s = group(torch.softmax(ratio * attn[layer][:, -R:, :].log(), -1).sum(1), model).mean(1)
@@ -187,13 +188,13 @@ def test_decoding_keeps_the_budget_fixed_and_scores_with_recent_queries(family):
     cache = kvevict.EvictingCache(model, policy)
     evictable = [layer.layer_idx for layer in cache.layers if layer.evictable]
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         for step in range(12):
             counts = torch.stack([cache.layers[i].store.kept_counts() for i in evictable])
             assert bool((counts == budget).all())  # every head of every evictable layer, every step
             token = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(token)], 1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache))
     seen = cache.seen
     for i in evictable:
         _, query_positions, _ = policy.recent_queries(i)
@@ -227,13 +228,13 @@ def test_ablations_observed_together_evict_like_separate_runs():
     assert len(observer.members) == 4  # SG and VPE on/off share the RA observation; RA-off with SG depends on k
     observed = kvevict.EvictingCache(model, observer)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=observed)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(observed))
     for v in variants:
         fork = observed.fork(make(v))
         fork.evict()
         direct = kvevict.EvictingCache(model, make(v))
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=direct)
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(direct))
         for layer in range(model.config.num_hidden_layers):
             for row_f, row_d in zip(fork.kept_positions(layer), direct.kept_positions(layer)):
                 assert all(torch.equal(a, b) for a, b in zip(row_f, row_d)), v

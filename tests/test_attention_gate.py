@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kvevict
+from kvevict.compat import cache_kwargs
 from kvevict.gates.attention_gate import (
     _FLAGS,
     FlagRecord,
@@ -150,7 +151,7 @@ def test_cache_evicts_in_context_exactly_as_the_flagged_forward(family, tmp_path
     flags, want = reference_flags(model, gates, ids)
     cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(tmp_path)))
     with torch.no_grad():
-        got = model(input_ids=ids, past_key_values=cache).logits
+        got = model(input_ids=ids, **cache_kwargs(cache)).logits
     assert torch.allclose(got, want, atol=1e-4)
     # the store holds exactly the kept entries: per row and KV head, the positions flagged 1 (sinks included)
     for layer, flag in flags.items():
@@ -163,7 +164,7 @@ def test_cache_evicts_in_context_exactly_as_the_flagged_forward(family, tmp_path
     # decoding: each new token is flagged with the gate's rolling context, as in one forward over everything
     more, _ = left_padded_batch((6, 6), seed=4)
     with torch.no_grad():
-        steps = [model(input_ids=more[:, t : t + 1], past_key_values=cache).logits for t in range(6)]
+        steps = [model(input_ids=more[:, t : t + 1], **cache_kwargs(cache)).logits for t in range(6)]
     _, full = reference_flags(model, gates, torch.cat([ids, more], 1))
     assert torch.allclose(torch.cat(steps, 1), full[:, 40:], atol=1e-4)
 
@@ -174,7 +175,7 @@ def test_decoding_evicts_flagged_generated_tokens(saved):
     policy = kvevict.make_policy("attention-gate", gates=str(folder), decode_interval=4)
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=8, do_sample=False)
     flags, _ = reference_flags(model, gates, out[:, :-1])  # the last token was never fed back
     # 7 decode steps, an eviction after the 4th: the last 3 tokens wait (flagged ones hidden) for the next one
     cache.evict()
@@ -189,11 +190,11 @@ def test_left_padded_batch_equals_rows_alone(saved):
     ids, mask = left_padded_batch((30, 19), seed=6)
     cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder)))
     with torch.no_grad():
-        batch = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        batch = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache)).logits
     for row, n in enumerate((30, 19)):
         alone = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder)))
         with torch.no_grad():
-            single = model(input_ids=ids[row : row + 1, -n:], past_key_values=alone).logits
+            single = model(input_ids=ids[row : row + 1, -n:], **cache_kwargs(alone)).logits
         assert torch.allclose(batch[row, -n:], single[0], atol=1e-4)
         for layer in gated_layers(model):
             assert all(torch.equal(a, b) for a, b in zip(cache.kept_positions(layer)[row], alone.kept_positions(layer)[0]))

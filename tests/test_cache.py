@@ -7,6 +7,7 @@ import torch
 
 import kvevict
 from kvevict.api import prefill
+from kvevict.compat import cache_kwargs
 from kvevict.models import tiny_model
 from kvevict.storage import LayerStore
 
@@ -60,7 +61,7 @@ def test_nbytes_at_075_is_at_most_027_of_full(allocation):
     policy = kvevict.make_policy("snapkv", compression_ratio=0.75, allocation=allocation)
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     assert cache.nbytes() <= 0.27 * cache.full_nbytes()
     kept = cache.kept_counts().sum(dim=(0, 2))  # per batch row
     heads = model.config.num_hidden_layers * model.config.num_key_value_heads
@@ -73,12 +74,12 @@ def test_decoding_keeps_a_fixed_budget():
     policy = kvevict.make_policy("h2o", budget=16, decode_interval=4)
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         assert cache.kept_counts().max() == 16
         token = out.logits[:, -1:].argmax(-1)
         for step in range(1, 21):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache))
             token = out.logits[:, -1:].argmax(-1)
             counts = cache.kept_counts()
             assert counts.max() == 16 + step % 4  # grows between evictions, back to the budget at each
@@ -93,11 +94,11 @@ def test_decoding_eviction_with_ratio_tracks_tokens_seen():
     policy = kvevict.make_policy("snapkv", compression_ratio=0.5, decode_interval=8, window=4, observation_window=4)
     texts_cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=texts_cache)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(texts_cache))
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(16):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
-            token = model(input_ids=token, attention_mask=mask, past_key_values=texts_cache).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, attention_mask=mask, **cache_kwargs(texts_cache)).logits[:, -1:].argmax(-1)
     assert texts_cache.kept_counts().max() == math.ceil(0.5 * 80)
 
 
@@ -141,7 +142,7 @@ def test_answer_compresses_once_and_restores_between_questions(tok):
     # asking again leaves the compressed context exactly as it was
     with cache.frozen_tokens():
         ids = torch.randint(3, 300, (1, seen + 7))
-        model(input_ids=ids[:, seen:], attention_mask=torch.ones_like(ids), past_key_values=cache)
+        model(input_ids=ids[:, seen:], attention_mask=torch.ones_like(ids), **cache_kwargs(cache))
         assert cache.seen == seen + 7
     assert torch.equal(cache.kept_counts(), counts) and cache.seen == seen
     assert cache.nbytes() >= nbytes - 1 and cache.compression() > 0.45
@@ -159,14 +160,14 @@ def test_fork_sizes_one_observed_prefill_like_separate_runs():
     names = ["snapkv", "h2o", "tova", "knorm"]
     observed = kvevict.EvictingCache(model, ObserverSet([kvevict.make_policy(n) for n in names]))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=observed)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(observed))
     for name in names:
         for ratio in (0.5, 0.75):
             fork = observed.fork(kvevict.make_policy(name, compression_ratio=ratio))
             fork.evict()
             direct = kvevict.EvictingCache(model, kvevict.make_policy(name, compression_ratio=ratio))
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, past_key_values=direct)
+                model(input_ids=ids, attention_mask=mask, **cache_kwargs(direct))
             for layer in range(model.config.num_hidden_layers):
                 for row_f, row_d in zip(fork.kept_positions(layer), direct.kept_positions(layer)):
                     assert all(torch.equal(a, b) for a, b in zip(row_f, row_d))
@@ -180,19 +181,19 @@ def test_stacked_caches_answer_like_each_cache_alone():
     for name, ratio in [("snapkv", 0.5), ("knorm", 0.75), ("full", 0.0)]:
         cache = kvevict.EvictingCache(model, kvevict.make_policy(name, compression_ratio=ratio))
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         caches.append(cache)
     question = torch.randint(3, 300, (1, 5))
     alone = []
     for cache in caches:
         with cache.frozen_tokens(), torch.no_grad():
             alone.append(model(input_ids=question, attention_mask=torch.ones(1, 55, dtype=torch.long),
-                               past_key_values=cache).logits[0])
+                               **cache_kwargs(cache)).logits[0])
     stacked = kvevict.EvictingCache.stack(caches)
     assert torch.equal(stacked.kept_counts()[:, 1], caches[1].kept_counts()[:, 0])
     with stacked.frozen_tokens(), torch.no_grad():
         together = model(input_ids=question.expand(3, -1), attention_mask=torch.ones(3, 55, dtype=torch.long),
-                         past_key_values=stacked).logits
+                         **cache_kwargs(stacked)).logits
     for row in range(3):
         assert (together[row] - alone[row]).abs().max() <= 1e-4
 
@@ -210,6 +211,6 @@ def test_frozen_tokens_leave_sliding_layers_untouched(tok):
     assert kvevict_answers == answers
     with cache.frozen_tokens():
         ids = torch.randint(3, 300, (1, cache.seen + 50))
-        model(input_ids=ids[:, cache.seen:], attention_mask=torch.ones_like(ids), past_key_values=cache)
+        model(input_ids=ids[:, cache.seen:], attention_mask=torch.ones_like(ids), **cache_kwargs(cache))
     after = [layer.store.view().positions for layer in cache.layers]
     assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import kvevict
+from kvevict.compat import cache_kwargs
 from kvevict.models import tiny_model
 
 from .conftest import left_padded_batch
@@ -15,13 +16,13 @@ TOL = 1e-4
 def greedy_logits(model, cache, ids, mask, steps):
     """Prefill then `steps` greedy decode steps; returns [prefill logits, step logits...]."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache))
     logits = [out.logits]
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, **cache_kwargs(cache))
         logits.append(out.logits)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return logits
@@ -59,7 +60,7 @@ def test_gemma3_sliding_layers_keep_their_window():
     cache = kvevict.EvictingCache(model, kvevict.make_policy("full"))
     ids, mask = left_padded_batch((60,))
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     counts = cache.kept_counts()
     window = model.config.sliding_window
     sliding = [i for i, t in enumerate(model.config.layer_types) if t == "sliding_attention"]

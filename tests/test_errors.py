@@ -5,6 +5,7 @@ import torch
 
 import kvevict
 from kvevict.cli import main
+from kvevict.compat import cache_kwargs
 from kvevict.models import EmbeddedModel, embedded_gguf_path, tiny_model
 
 
@@ -64,7 +65,7 @@ def test_attention_path_changed_after_cache_creation():
     cache = kvevict.EvictingCache(model, kvevict.make_policy("h2o", compression_ratio=0.5))
     model.set_attn_implementation("sdpa")  # a path that would give the policy no attention to observe
     with pytest.raises(ValueError, match="attn_implementation is 'sdpa'"):
-        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        model(input_ids=torch.tensor([[5, 6, 7]]), **cache_kwargs(cache))
 
 
 def test_policy_configures_one_cache():
@@ -78,9 +79,9 @@ def test_policy_configures_one_cache():
 def test_batch_size_cannot_change_and_beam_search_is_refused():
     model = tiny_model("llama")
     cache = kvevict.EvictingCache(model, kvevict.make_policy("full"))
-    model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
+    model(input_ids=torch.tensor([[5, 6, 7]]), **cache_kwargs(cache))
     with pytest.raises(ValueError, match="batch size 1"):
-        model(input_ids=torch.tensor([[5], [6]]), past_key_values=cache)
+        model(input_ids=torch.tensor([[5], [6]]), **cache_kwargs(cache))
     with pytest.raises(NotImplementedError, match="beam search"):
         cache.reorder_cache(torch.tensor([0]))
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
 import kvevict
+from kvevict.compat import cache_kwargs
 from kvevict.models import tiny_model
 
 from .conftest import left_padded_batch
@@ -21,7 +22,7 @@ def reference_run(model, ids):
     model.set_attn_implementation("eager")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, output_attentions=True)
+        out = model(input_ids=ids, **cache_kwargs(cache), output_attentions=True)
     keys = [layer.keys for layer in cache.layers]
     return out.attentions, keys
 
@@ -29,7 +30,7 @@ def reference_run(model, ids):
 def evicted_cache(model, ids, policy):
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     return cache
 
 
@@ -173,9 +174,9 @@ def test_attention_over_evicted_cache_equals_masked_full_attention(name):
     ref_model = tiny_model("qwen2")
     tokens = torch.randint(3, 300, (1, 6))
     with torch.no_grad():
-        ref_model(input_ids=ids, past_key_values=reference)
+        ref_model(input_ids=ids, **cache_kwargs(reference))
         ref_model.set_attn_implementation("test_masked")
         for t in range(tokens.shape[1]):
-            got = model(input_ids=tokens[:, t:t + 1], past_key_values=cache).logits
-            want = ref_model(input_ids=tokens[:, t:t + 1], past_key_values=reference).logits
+            got = model(input_ids=tokens[:, t:t + 1], **cache_kwargs(cache)).logits
+            want = ref_model(input_ids=tokens[:, t:t + 1], **cache_kwargs(reference)).logits
             assert (got - want).abs().max() <= 1e-4

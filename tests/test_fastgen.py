@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvevict
+from kvevict.compat import cache_kwargs
 from kvevict.models import tiny_model, tiny_tokenizer
 from kvevict.policies.base import ObserverSet
 from kvevict.policies.fastgen import (
@@ -168,7 +169,7 @@ def test_is_punctuation():
 def prefill(model, policy, ids, mask=None):
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     return cache
 
 
@@ -181,7 +182,7 @@ def test_policy_profile_equals_profile_of_eager_attention(window_args):
     reference = tiny_model("llama")
     reference.set_attn_implementation("eager")
     with torch.no_grad():
-        attn = reference(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=reference.config),
+        attn = reference(input_ids=ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=reference.config)),
                          output_attentions=True).attentions
     policy = kvevict.make_policy("fastgen", tokenizer=tok, recovery=0.9, **window_args)
     prefill(tiny_model("llama"), policy, ids, mask)
@@ -256,7 +257,7 @@ def test_decoding_keeps_applying_each_heads_rule(recovery):
     steps = interval * (new.shape[1] // interval)
     with torch.no_grad():
         for t in range(steps):
-            model(input_ids=new[:, t:t + 1], past_key_values=cache)
+            model(input_ids=new[:, t:t + 1], **cache_kwargs(cache))
     ids = torch.cat([prompt, new[:, :steps]], dim=1)
     check_rules(cache, policy, ids)
     counts = cache.kept_counts()
@@ -378,7 +379,7 @@ def test_missing_tokenizer_or_token_ids():
     policy = kvevict.make_policy("fastgen", tokenizer=tiny_tokenizer())
     cache = kvevict.EvictingCache(model, policy)
     with pytest.raises(ValueError, match="input_ids"), torch.no_grad():
-        model(inputs_embeds=model.get_input_embeddings()(ids), past_key_values=cache)
+        model(inputs_embeds=model.get_input_embeddings()(ids), **cache_kwargs(cache))
 
 
 # ---------------------------------------------------------------------------------------------- real model

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kvevict
+from kvevict.compat import cache_kwargs
 from kvevict.gates.checkpoint import save_gates
 from kvevict.gates.sink_gate import SinkGate, build_gates, gate_hyper, gated_layers
 from kvevict.models import tiny_model, tiny_tokenizer
@@ -46,7 +47,7 @@ def test_kvzip_scores_match_a_direct_computation():
     policy = kvevict.make_policy("kvzip", compression_ratio=0.5, tokenizer=tok, chunk_size=1000)
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     protected = policy.protected_prefix()
     # direct: the whole sequence (context + repeat prompt) through eager attention, scores read off the map
     lead = tok(FIRST_PROMPT, add_special_tokens=False).input_ids + tok(assistant_prefix(tok), add_special_tokens=False).input_ids
@@ -124,11 +125,11 @@ def test_fastkvzip_decode_keeps_newest_interval_and_the_target(tmp_path):
     cache = kvevict.EvictingCache(model, policy)
     ids, mask = left_padded_batch((64,), seed=3)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(16):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
-            token = model(input_ids=token, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     assert int(cache.kept_counts().sum()) == math.ceil(0.5 * 80) * L * H
     for layer in range(L):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .cache import EvictingCache
+from .compat import cache_kwargs
 from .policies import Policy, make_policy
 
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
@@ -55,7 +56,7 @@ def prefill(model, cache: EvictingCache, input_ids: torch.Tensor, attention_mask
             stop = min(length, start + chunk)
             model(
                 input_ids=input_ids[:, start:stop], attention_mask=attention_mask[:, :stop],
-                position_ids=positions[:, start:stop], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                position_ids=positions[:, start:stop], **cache_kwargs(cache), use_cache=True, logits_to_keep=1,
             )
 
 
@@ -88,7 +89,7 @@ def generate(
         prefill(model, cache, enc.input_ids[:, :-1], enc.attention_mask[:, :-1], policy.prefill_chunk)
     with torch.no_grad():
         out = model.generate(
-            input_ids=enc.input_ids, attention_mask=enc.attention_mask, past_key_values=cache,
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, **cache_kwargs(cache),
             **_greedy_kwargs(tokenizer, max_new_tokens, generate_kwargs),
         )
     decoded = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
@@ -155,7 +156,7 @@ def answer(
         ids = torch.cat([context_ids, render(question)], dim=1)
         with cache.frozen_tokens(), torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache),
                 **_greedy_kwargs(tokenizer, max_new_tokens, generate_kwargs),
             )
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

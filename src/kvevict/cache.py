@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import ATTN_IMPLEMENTATION, evicted_attention, register
+from .compat import CACHE_ARG, call_reader
 from .policies.base import Policy
 from .storage import LayerStore, PaddedView
 
@@ -109,7 +110,8 @@ class EvictingLayer(CacheLayerMixin):
 class EvictingCache(Cache):
     """KV cache that evicts (layer, KV head, token) entries chosen by `policy` and frees their memory.
 
-    Usage: `model.generate(**inputs, past_key_values=EvictingCache(model, policy))`, or plain forward calls.
+    Usage: `model.generate(**inputs, cache=EvictingCache(model, policy))` (`past_key_values=` before transformers
+    5.24), or plain forward calls.
     Batches must be left-padded; padding tokens are never stored.
     """
 
@@ -213,7 +215,7 @@ class EvictingCache(Cache):
         if step is None:
             raise RuntimeError(
                 "EvictingCache.update was called outside a forward of the model it was built for; "
-                "pass it as past_key_values to that model"
+                f"pass it to that model as `{CACHE_ARG}=`"
             )
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
@@ -503,8 +505,11 @@ def install(model: torch.nn.Module) -> None:
     attn_modules = attention_modules(model)
     _ensure_attention_impl(model)
 
+    read_call = call_reader(decoder.forward)
+
     def before(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        call = read_call(args, kwargs)
+        cache = call["cache"]
         if not isinstance(cache, EvictingCache):
             return
         impl = model.config._attn_implementation
@@ -513,19 +518,17 @@ def install(model: torch.nn.Module) -> None:
                 f"the model's attn_implementation is {impl!r}; EvictingCache needs {ATTN_IMPLEMENTATION!r} "
                 "(it is set when the cache is created; do not change it afterwards)"
             )
-        x = kwargs.get("input_ids")
+        x = call.get("input_ids")
         if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args:
-            x = args[0]
+            x = call.get("inputs_embeds")
         if x is None:
             raise ValueError("EvictingCache needs input_ids or inputs_embeds passed to the model")
         ids = x if x.dim() == 2 and not x.is_floating_point() else None
-        cache.begin_forward(x.shape[0], x.shape[1], kwargs.get("attention_mask"), x.device, input_ids=ids)
+        cache.begin_forward(x.shape[0], x.shape[1], call.get("attention_mask"), x.device, input_ids=ids)
         cache._token = _ACTIVE.set(cache)
 
     def after(module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = read_call(args, kwargs)["cache"]
         if not isinstance(cache, EvictingCache) or getattr(cache, "_token", None) is None:
             return
         _ACTIVE.reset(cache._token)

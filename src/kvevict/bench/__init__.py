@@ -90,6 +90,7 @@ def run_one(spec: BenchSpec, config: dict) -> dict:
 
     from ..api import prefill
     from ..cache import EvictingCache
+    from ..compat import cache_kwargs
     from ..data import haystack
     from ..policies import make_policy
 
@@ -125,9 +126,9 @@ def run_one(spec: BenchSpec, config: dict) -> dict:
         chunk = getattr(getattr(cache, "policy", None), "prefill_chunk", None)
         if chunk:  # all but the last token in chunks (evicting after each), then the last one
             prefill(model, cache, ids[:, :-1], mask[:, :-1], chunk)
-            out = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwargs(cache))
         else:
-            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1)
+            out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), logits_to_keep=1)
         sync()
         prefill_s = time.perf_counter() - start
         kv_after_prefill = _kv_bytes(cache)
@@ -137,7 +138,7 @@ def run_one(spec: BenchSpec, config: dict) -> dict:
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             sync()
             start = time.perf_counter()
-            out = model(input_ids=token, attention_mask=mask, past_key_values=cache)
+            out = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache))
             sync()
             step_times.append(time.perf_counter() - start)
             token = out.logits[:, -1:].argmax(-1)

@@ -22,6 +22,7 @@ import torch
 
 from ..api import encode_context_question, prefill
 from ..cache import EvictingCache
+from ..compat import cache_kwargs
 from ..policies import make_policy
 from ..policies.base import ObserverSet, Policy
 from . import metrics as M
@@ -140,9 +141,9 @@ def _greedy(model, tok, cache, ids: torch.Tensor, max_new_tokens: int, frozen: b
     with torch.no_grad():
         if frozen:
             with cache.frozen_tokens():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), **kwargs)
         else:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), **kwargs)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -160,7 +161,7 @@ def _greedy_batch(model, tok, cache, ids: torch.Tensor, max_new_tokens: int) -> 
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=tok.pad_token_id)
     with torch.no_grad(), cache.frozen_tokens():
-        out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), past_key_values=cache, **kwargs)
+        out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **cache_kwargs(cache), **kwargs)
     return [row[ids.shape[1]:].tolist() for row in out]
 
 
@@ -168,7 +169,7 @@ def _teacher_forced_logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
     """Logits of `ids` [B, T] on top of `cache` (frozen: nothing is kept or evicted); [T, V] for B == 1."""
     mask = torch.ones(ids.shape[0], cache.seen + ids.shape[1], dtype=torch.long, device=ids.device)
     with torch.no_grad(), cache.frozen_tokens():
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        logits = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache)).logits
     return logits[0] if ids.shape[0] == 1 else logits
 
 

@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..attention import accumulated_attention
+from ..compat import cache_kwargs
 from .base import Policy, top_k_mask
 
 CANDIDATES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
@@ -567,7 +568,7 @@ def timed_prefill(model, cache, input_ids: torch.Tensor) -> float:
     """Seconds one forward of `input_ids` into `cache` takes (logits of the last token only)."""
     started = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids.to(model.device), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return time.perf_counter() - started
 
 

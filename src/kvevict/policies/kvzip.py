@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import allowed_keys
+from ..compat import cache_kwargs
 from .base import Policy
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -170,7 +171,7 @@ class KVzipPolicy(Policy):
         self._probe = (start, stop, seen)
         try:
             with torch.no_grad(), cache.frozen_tokens(observer=self):
-                cache.model(input_ids=repeat, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                cache.model(input_ids=repeat, attention_mask=mask, position_ids=positions, **cache_kwargs(cache),
                             logits_to_keep=1)
         finally:
             self._probe = None

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import EvictingCache, attention_modules
+from ..compat import cache_kwargs
 from ..data import essays, pydoc_topics
 from ..gates.checkpoint import save_gates
 from ..gates.sink_gate import build_gates, gate_hyper, gated_layers
@@ -97,7 +98,7 @@ def collect_document(model, tokenizer, ids: list[int], chunk_size: int = 2000):
     try:
         device = next(model.parameters()).device
         tensor = torch.tensor([ids], device=device)
-        model(input_ids=tensor, attention_mask=torch.ones_like(tensor), past_key_values=cache, logits_to_keep=1)
+        model(input_ids=tensor, attention_mask=torch.ones_like(tensor), **cache_kwargs(cache), logits_to_keep=1)
         policy.prepare_eviction()  # the repeat passes: KVzip scores of every context token
     finally:
         for hook in hooks:
