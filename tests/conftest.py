@@ -1,7 +1,14 @@
 import pytest
 import torch
+from hypothesis import settings
 
 from kvevict.models import TINY_FAMILIES, tiny_model, tiny_tokenizer
+
+# Property tests: a fixed set of trials by default (the same in every run, fast enough for CI); "thorough"
+# draws ten times more, fresh each run.
+settings.register_profile("kvevict", max_examples=100, deadline=None, derandomize=True)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile("kvevict")
 
 
 @pytest.fixture(params=TINY_FAMILIES)

@@ -157,12 +157,12 @@ def _masked_eager(module, query, key, value, attention_mask, scaling=None, dropo
     return (logits.softmax(-1) @ value).transpose(1, 2), None
 
 
-@pytest.mark.parametrize("name", ["snapkv", "h2o", "knorm"])
-def test_attention_over_evicted_cache_equals_masked_full_attention(name):
+@pytest.mark.parametrize("name, args", [("snapkv", {"window": 8, "observation_window": 8}), ("h2o", {}), ("knorm", {})])
+def test_attention_over_evicted_cache_equals_masked_full_attention(name, args):
     AttentionInterface.register("test_masked", _masked_eager)
     model = tiny_model("qwen2")
     ids, _ = left_padded_batch((PROMPT,), seed=5)
-    policy = kvevict.make_policy(name, compression_ratio=0.5, allocation="head", decode_interval=None)
+    policy = kvevict.make_policy(name, compression_ratio=0.5, allocation="head", decode_interval=None, **args)
     cache = evicted_cache(model, ids, policy)
     for layer in range(model.config.num_hidden_layers):
         hidden = torch.ones(1, model.config.num_key_value_heads, PROMPT, dtype=torch.bool)

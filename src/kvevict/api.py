@@ -51,7 +51,7 @@ def prefill(model, cache: EvictingCache, input_ids: torch.Tensor, attention_mask
     chunk = chunk or length
     positions = attention_mask.long().cumsum(-1) - 1
     positions.masked_fill_(attention_mask == 0, 1)
-    with torch.no_grad():
+    with torch.no_grad(), cache.prompt():
         for start in range(cache.seen, length, chunk):
             stop = min(length, start + chunk)
             model(
@@ -76,9 +76,7 @@ def generate(
     `policy.decode_interval` tokens. With `return_cache=True` returns (texts, cache).
     """
     prompts = _check_texts("prompts", prompts)
-    policy = make_policy(policy) if isinstance(policy, str) or policy is None else policy
-    if policy is None:
-        policy = make_policy("full")
+    policy = make_policy("full" if policy is None else policy) if not isinstance(policy, Policy) else policy
     chat = _use_chat(tokenizer, chat_template)
     tokenizer.padding_side = "left"
     texts = [_render(tokenizer, p, chat) for p in prompts]

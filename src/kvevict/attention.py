@@ -148,12 +148,13 @@ def evicted_attention(
     plain = softcap is None and visible is None and sliding_window is None
     if softcap is None and sliding_window is None and T == 1:
         # one new query: every stored key is in its past; only empty slots (and hidden keys) need masking
-        if no_empty_slots and visible is None:
+        if no_empty_slots and visible is None and L > 0:
             out = F.scaled_dot_product_attention(queries, keys, values, scale=scaling, enable_gqa=G > 1)
             return out.transpose(1, 2)
         hidden = key_positions < 0
         if visible is not None:
             hidden = hidden | ~(visible | (key_positions == query_positions.view(1, 1, 1).to(key_positions.dtype)))
+        hidden &= ~hidden.all(-1, keepdim=True)  # a padding query with nothing to see: keep it finite
         logits = torch.matmul(queries.reshape(B, H, G, d), keys.transpose(-1, -2)) * scaling  # [B, H, G, L]
         logits = logits.masked_fill(hidden.unsqueeze(2), float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)

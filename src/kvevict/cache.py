@@ -32,7 +32,6 @@ from .policies.base import Policy
 from .storage import LayerStore, PaddedView
 
 _ACTIVE: contextvars.ContextVar[EvictingCache | None] = contextvars.ContextVar("kvevict_active_cache", default=None)
-_SLIDING_SLACK = 32  # rows a sliding layer may hold past its window before it is trimmed
 
 
 def active_cache() -> EvictingCache | None:
@@ -141,6 +140,7 @@ class EvictingCache(Cache):
         self.frozen = False
         self.phase = "prefill"  # "prefill" or "decode": what the forward that triggers an eviction was
         self.frozen_observer: Policy | None = None  # who observes inside a frozen block (KVzip's scoring passes)
+        self.prompt_chunks = False  # set by `prompt()`: every forward is a prompt chunk, even of one token
         self._steps_since_eviction = 0
         self._step: _Step | None = None
         self._warned_protected = False
@@ -163,6 +163,10 @@ class EvictingCache(Cache):
             if attention_mask.dim() != 2:
                 raise ValueError("EvictingCache needs a 2-D padding attention_mask (or none), not a prepared 4-D mask")
             if attention_mask.shape[1] != self.seen + length:
+                if self.seen and attention_mask.shape[1] == length:
+                    raise ValueError(
+                        f"this cache already holds {self.seen} tokens of another sequence; make a new cache per prompt"
+                    )
                 raise ValueError(
                     f"attention_mask covers {attention_mask.shape[1]} positions; expected tokens already seen "
                     f"({self.seen}) + new tokens ({length})"
@@ -172,7 +176,10 @@ class EvictingCache(Cache):
         first_real = torch.where(valid.any(1), valid.float().argmax(1) + self.seen, -1)
         self.row_start = torch.where(self.row_start < 0, first_real, self.row_start)
         all_valid = attention_mask is None or bool(valid.all())
-        self._step = _Step(length=length, positions=positions, valid=valid, all_valid=all_valid, input_ids=input_ids)
+        # an evicting cache never reserves more rows for a head than the full cache would hold for its row
+        row_limit = self.tokens_seen + valid.sum(1) if self.policy.evicts else None
+        self._step = _Step(length=length, positions=positions, valid=valid, all_valid=all_valid, input_ids=input_ids,
+                           row_limit=row_limit)
         for layer in self.layers:
             layer.attended = False
 
@@ -194,7 +201,7 @@ class EvictingCache(Cache):
         self._trim_sliding_layers()
         if not self.policy.evicts:
             return
-        if step.length > 1:
+        if step.length > 1 or self.prompt_chunks:
             self.phase = "prefill"
             self.evict(reserve=0)
         else:
@@ -220,12 +227,17 @@ class EvictingCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
-        slack = 0 if step.length > 1 else (self.policy.decode_interval or 128)
-        if layer.is_sliding:
-            slack = _SLIDING_SLACK if step.length == 1 else 0
+        decoding = step.length == 1 and not self.prompt_chunks
+        slack = (self.policy.decode_interval or 128) if decoding else 0
+        limit = step.row_limit
+        if layer.is_sliding:  # the window, once trimmed after the forward, plus the next token
+            window = torch.full_like(step.valid[:, 0], layer.sliding_window, dtype=torch.long)
+            limit = window if limit is None else torch.minimum(limit, window)
+        if limit is not None:
+            limit = limit.repeat_interleave(layer.store.heads)
         stats = None if self.frozen or layer.is_sliding else self.policy.initial_stats(layer_idx, step.input_ids, step.positions)
         layer.store.append(key_states, value_states, step.positions, step.valid, slack, stats=stats,
-                           all_valid=step.all_valid)
+                           all_valid=step.all_valid, limit=limit)
         layer.current_view = layer.store.view()
         return layer.current_view.keys, layer.current_view.values
 
@@ -300,11 +312,13 @@ class EvictingCache(Cache):
             return
         keep = self.policy.select(scores, positions, self.row_start, self.tokens_seen, self.seen - 1)
         self._warn_if_protected_exceeds_target(keep, views)
+        limit = self.tokens_seen  # a head never reserves more rows than the full cache holds for its row
         for idx, mask in keep.items():
             view = views[idx]
             if reserve == 0 and bool((mask | ~view.valid).all()):
                 continue  # nothing to drop and no room to make
-            self.layers[idx].store.compact(mask, view, slack=reserve)
+            store = self.layers[idx].store
+            store.compact(mask, view, slack=reserve, limit=limit.repeat_interleave(store.heads))
         self._steps_since_eviction = 0
         self.policy.after_eviction()
 
@@ -313,23 +327,26 @@ class EvictingCache(Cache):
             if not layer.is_sliding or layer.store is None:
                 continue
             window = layer.sliding_window
-            if int(layer.store.seg_len.max()) <= window - 1 + _SLIDING_SLACK:
+            if layer.store.max_len <= window - 1:
                 continue
             view = layer.store.view()
-            # the next query (position `seen`) sees keys with position > seen - window
-            layer.store.compact(view.positions > self.seen - window, view, slack=0)
+            # the next query (position `seen`) sees keys with position > seen - window: window - 1 of them, and
+            # one free row for the next token (same total size: compaction reuses the buffers in place)
+            limit = self.tokens_seen.clamp(max=window).repeat_interleave(layer.store.heads)
+            layer.store.compact(view.positions > self.seen - window, view, slack=1, limit=limit)
 
     def _warn_if_protected_exceeds_target(self, keep, views) -> None:
-        if self._warned_protected or self.policy.budget is not None:
+        if self._warned_protected:
             return
         targets = self.policy.target_tokens(self.tokens_seen)
         kept = torch.stack([m.sum(-1) for m in keep.values()]).float().mean(dim=(0, 2))  # [B]
-        if bool((kept > targets.float() * 1.01 + 1).any()):
+        if bool((kept > targets.float()).any()):  # only protected tokens can lift a head past its target
             self._warned_protected = True
             warnings.warn(
                 f"{self.policy.describe()}: protected tokens (sink_tokens={self.policy.sink_tokens}, "
-                f"window={self.policy.window}) exceed the target for this short input; kept {kept.tolist()} "
-                f"tokens per head instead of {targets.tolist()}",
+                f"window={self.policy.window}) exceed the target on this short input and are all kept: "
+                f"{[round(k, 1) for k in kept.tolist()]} tokens per head on average instead of the target "
+                f"{targets.tolist()}, of {self.tokens_seen.tolist()} tokens seen (per batch row; warned once per cache)",
                 stacklevel=3,
             )
 
@@ -382,6 +399,16 @@ class EvictingCache(Cache):
             layer.is_initialized = True
         return stacked
 
+    @contextmanager
+    def prompt(self):
+        """Within this block every forward is a prompt chunk, whatever its size, and is evicted to target after
+        it (outside, a one-token forward is a decode step). `kvevict.api.prefill` feeds prompts through it."""
+        previous, self.prompt_chunks = self.prompt_chunks, True
+        try:
+            yield self
+        finally:
+            self.prompt_chunks = previous
+
     # ------------------------------------------------------------------ freezing (compress once, ask many)
     @contextmanager
     def frozen_tokens(self, observer: Policy | None = None):
@@ -430,7 +457,7 @@ class EvictingCache(Cache):
             row_bytes = 2 * store.head_dim * store.keys.element_size() * store.heads
             tokens = self.tokens_seen
             if layer.is_sliding:
-                tokens = tokens.clamp(max=layer.sliding_window - 1)
+                tokens = tokens.clamp(max=layer.sliding_window)
             total += int(tokens.sum()) * row_bytes
         return total
 
@@ -471,6 +498,7 @@ class _Step:
     valid: torch.Tensor  # [B, T]
     all_valid: bool  # no padding among the new tokens
     input_ids: torch.Tensor | None = None  # [B, T] when the forward got token ids
+    row_limit: torch.Tensor | None = None  # [B] most rows a head of the row may reserve (real tokens seen after it)
 
 
 # ---------------------------------------------------------------------------------------------- hooks

@@ -12,12 +12,23 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _json_object(text: str | None, flag: str, example: str) -> dict:
+    """The JSON object given to `flag` ({} when the flag is absent); an error naming the flag otherwise."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} is not valid JSON ({err}): {text!r}; give an object, e.g. {example}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, e.g. {example}; got {text!r}")
+    return value
+
+
 def _policy_from_args(args):
     from .policies import make_policy
 
-    params = json.loads(args.policy_args) if args.policy_args else {}
-    if not isinstance(params, dict):
-        raise SystemExit("--policy-args must be a JSON object, e.g. '{\"window\": 64}'")
+    params = _json_object(args.policy_args, "--policy-args", """'{"window": 64}'""")
     if args.ratio is not None:
         params["compression_ratio"] = args.ratio
     if args.budget is not None:
@@ -92,9 +103,8 @@ def _floats(text: str, name: str) -> list[float]:
 def cmd_eval(args) -> None:
     from .eval import EvalConfig, run_eval
 
-    policy_args = json.loads(args.policy_args) if args.policy_args else {}
-    if not isinstance(policy_args, dict):
-        raise SystemExit("--policy-args must be a JSON object")
+    policy_args = _json_object(args.policy_args, "--policy-args",
+                               """'{"window": 64}' or, per policy, '{"snapkv": {"window": 64}}'""")
     cfg = EvalConfig(
         model=args.model, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
         ratios=_floats(args.ratios, "ratios"), tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],

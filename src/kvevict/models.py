@@ -7,6 +7,7 @@ loads take seconds.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import json
@@ -92,12 +93,25 @@ def load_model(name_or_path: str, dtype="float32", device: str | torch.device = 
 
         looks_like_id = "/" in str(name_or_path) or Path(name_or_path).exists()
         if not looks_like_id:
+            close = difflib.get_close_matches(str(name_or_path).lower(), EMBEDDED, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"unknown model {name_or_path!r}: use an embedded name ({', '.join(EMBEDDED)}), "
+                f"unknown model {name_or_path!r}{hint}: use an embedded name ({', '.join(EMBEDDED)}), "
                 "a Hugging Face id or directory, or a .gguf path"
             )
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {name_or_path} has no config.json "
+                                    "(not a Hugging Face model folder)")
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+        except OSError as err:
+            # transformers raises OSError offline, for ids the hub does not have and for folders without a model
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FileNotFoundError(
+                f"cannot load model {name_or_path!r} as a Hugging Face id or directory: {reason} "
+                f"(embedded names: {', '.join(EMBEDDED)}; a .gguf file path also works)"
+            ) from err
     _prepare_tokenizer(tok)
     return model.to(device).eval(), tok
 

@@ -77,6 +77,12 @@ class LayerStore:
         """Rows allocated to segments (the sentinel row excluded)."""
         return self.keys.shape[0] - 1
 
+    def metadata_nbytes(self) -> int:
+        """Bytes of `nbytes()` that are not K/V of a segment's row: positions, side channels, the sentinel row."""
+        total = self.positions.numel() * self.positions.element_size()
+        total += sum(s.numel() * s.element_size() for s in self.stats.values())
+        return total + 2 * self.head_dim * self.keys.element_size()
+
     def nbytes(self) -> int:
         """Bytes held by this layer: K/V rows (free slots included) plus per-row metadata."""
         total = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
@@ -122,8 +128,16 @@ class LayerStore:
         self._slot_rows = None
         self._refresh_summaries()
 
-    def reserve(self, extra: torch.Tensor, slack: int, extra_max: int | None = None) -> None:
-        """Make room for extra[s] more rows in every segment, growing by `slack` more to amortise copies.
+    def _capacity(self, needed: torch.Tensor, slack: int, limit: torch.Tensor | None) -> torch.Tensor:
+        """Rows to reserve per segment: `needed` + `slack`, the slack cut where it would pass limit[s]."""
+        if limit is None:
+            return needed + slack
+        return torch.minimum(needed + slack, torch.maximum(limit, needed))
+
+    def reserve(self, extra: torch.Tensor, slack: int, extra_max: int | None = None,
+                limit: torch.Tensor | None = None) -> None:
+        """Make room for extra[s] more rows in every segment, growing by `slack` more to amortise copies, but
+        never past limit[s] rows (slack only: the rows needed always fit).
 
         `extra_max` (an upper bound of `extra` known on the host) lets the common case skip a device sync.
         """
@@ -132,15 +146,16 @@ class LayerStore:
         if bool((self.seg_len + extra <= self.seg_cap).all()):
             return
         src_rows = self._segment_rows(self.seg_start, self.seg_len)
-        self._relayout(src_rows, self.seg_len, self.seg_len + extra + slack)
+        self._relayout(src_rows, self.seg_len, self._capacity(self.seg_len + extra, slack, limit))
 
-    def compact(self, keep: torch.Tensor, view: PaddedView, slack: int = 0) -> None:
-        """Keep only the slots of `view` where keep[b, h, j] is True; each segment shrinks to what it keeps + slack."""
+    def compact(self, keep: torch.Tensor, view: PaddedView, slack: int = 0, limit: torch.Tensor | None = None) -> None:
+        """Keep only the slots of `view` where keep[b, h, j] is True; each segment shrinks to what it keeps + slack
+        (the slack cut at limit[s] rows)."""
         keep = keep & view.valid
         new_len = keep.sum(-1).reshape(-1)
         src_rows = view.row_index[keep]  # row-major over (b, h, j): grouped by segment, position order kept
         aligned = self.heads_aligned and bool((keep == keep[:, :1]).all())
-        self._relayout(src_rows, new_len, new_len + slack)
+        self._relayout(src_rows, new_len, self._capacity(new_len, slack, limit))
         self.heads_aligned = aligned
 
     def truncate(self, lengths: torch.Tensor, capacity: torch.Tensor | None = None) -> None:
@@ -182,9 +197,11 @@ class LayerStore:
         slack: int,
         stats: dict[str, torch.Tensor] | None = None,
         all_valid: bool | None = None,
+        limit: torch.Tensor | None = None,
     ) -> None:
         """Append new tokens. keys/values [B, H, T, d]; positions [T]; token_valid [B, T] (False = padding, dropped).
 
+        When a segment runs out of room it grows by `slack` rows more than needed, but not past limit[s].
         `stats` gives initial values [B, H, T] for side channels (others start at 0). `all_valid` (whether
         token_valid is all True, if the caller knows) saves a device sync.
         """
@@ -193,11 +210,11 @@ class LayerStore:
             all_valid = bool(token_valid.all())
         if all_valid:
             extra = torch.full_like(self.seg_len, T)
-            self.reserve(extra, slack, extra_max=T)
+            self.reserve(extra, slack, extra_max=T, limit=limit)
             dst = (self.seg_start + self.seg_len).view(B, H, 1) + torch.arange(T, device=self.device)
         else:
             extra = token_valid.sum(1).repeat_interleave(H)
-            self.reserve(extra, slack)
+            self.reserve(extra, slack, limit=limit)
             rank = token_valid.long().cumsum(1) - 1  # [B, T]
             dst = (self.seg_start + self.seg_len).view(B, H, 1) + rank.view(B, 1, T)
             write = token_valid.view(B, 1, T).expand(B, H, T)

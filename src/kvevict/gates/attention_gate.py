@@ -238,14 +238,9 @@ def load_attention_gates(directory, model) -> tuple[GateConfig, nn.ModuleDict, d
     """(config, gates, meta) of a checkpoint; ValueError if it was made for another model."""
     from .checkpoint import read_gates
 
-    meta, per_layer = read_gates(directory, KIND, model)
-    config = GateConfig.from_dict(meta.get("hyper", {}))
-    expected = gated_layers(model)
-    if sorted(per_layer) != expected:
-        raise ValueError(f"gate checkpoint {directory} gates layers {sorted(per_layer)}; this model needs {expected}")
-    gates = build_gates(model, config)
-    for idx, state in per_layer.items():
-        gates[str(idx)].load_state_dict(state)
+    meta, gates = read_gates(directory, KIND, model,
+                             lambda meta: build_gates(model, GateConfig.from_dict(meta["hyper"])))
+    config = GateConfig.from_dict(meta["hyper"])
     for p in gates.parameters():
         p.requires_grad_(False)
     return config, gates.eval(), meta

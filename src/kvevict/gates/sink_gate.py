@@ -85,8 +85,13 @@ def load_gates(folder, model) -> tuple[dict, nn.ModuleDict]:
     """(meta, gates in float32, eval mode) of a Fast KVzip checkpoint, refused if it was made for another model."""
     from .checkpoint import read_gates
 
-    meta, weights = read_gates(folder, "fastkvzip", model)
-    gates = build_gates(meta["hyper"], meta["layers"])
-    for idx, state in weights.items():
-        gates[str(idx)].load_state_dict(state)
+    def build(meta: dict) -> nn.ModuleDict:
+        # the model gives the attention shape; the checkpoint only the gate's own size
+        hyper = meta["hyper"]
+        for name in ("gate_dim", "sinks"):
+            if type(hyper[name]) is not int or hyper[name] < 1:
+                raise ValueError(f"{name} must be a positive integer, got {hyper[name]!r}")
+        return build_gates(gate_hyper(model, hyper["gate_dim"], hyper["sinks"]), gated_layers(model))
+
+    meta, gates = read_gates(folder, "fastkvzip", model, build)
     return meta, gates.float().eval()

@@ -42,6 +42,8 @@ def list_policies() -> list[str]:
 
 def policy_class(name: str) -> type[Policy]:
     """The policy class registered as `name` (case and -/_ insensitive)."""
+    if not isinstance(name, str):
+        raise ValueError(f"policy name must be a string, one of {', '.join(list_policies())}; got {name!r}")
     key = name.lower().replace("_", "-")
     for candidate in (key, key.replace("-", "")):
         if candidate in POLICIES:

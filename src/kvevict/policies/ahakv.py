@@ -111,12 +111,12 @@ class AhaKVPolicy(Policy):
         super().__post_init__()
 
     def validate(self) -> None:
-        if not isinstance(self.recent_rows, int) or isinstance(self.recent_rows, bool) or self.recent_rows < 1:
-            raise ValueError(f"recent_rows must be a positive number of query rows, got {self.recent_rows!r}")
+        self._check_count("recent_rows", minimum=1, unit="query rows")
         for part in _PARTS:
             if not isinstance(getattr(self, part), bool):
                 raise ValueError(f"{part} must be True or False, got {getattr(self, part)!r}")
-        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+        self._check_count("pool_kernel", minimum=1)
+        if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be a positive odd number of tokens, got {self.pool_kernel!r}")
         if self.group_reduction not in GROUP_REDUCTIONS:
             raise ValueError(f"group_reduction must be one of {GROUP_REDUCTIONS}, got {self.group_reduction!r}")

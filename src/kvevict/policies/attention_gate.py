@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -42,22 +43,19 @@ class AttentionGatePolicy(Policy):
 
     name = "attention-gate"
     alters_forward = True
+    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"compression_ratio", "tau", "sink_tokens"}
     _gates: object = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
-        ratio = self.compression_ratio
-        if ratio is not None and (not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0):
-            raise ValueError(f"compression_ratio must be in [0, 1) or None, got {ratio!r}")
+        self._check_number("compression_ratio", 0.0, 1.0)
         if self.budget is not None:
             raise ValueError("budget: attention-gate keeps what its trained gates flag; it takes no token budget")
         if self.window:
             raise ValueError("window: attention-gate hides flagged keys in-context; it has no recent window")
         if self.allocation != "uniform" or self.head_floor is not None:
             raise ValueError("allocation/head_floor: attention-gate's per-head sizes come from its gates")
-        if self.tau is not None and not 0.0 < self.tau < 1.0:
-            raise ValueError(f"tau must be in (0, 1), got {self.tau!r}")
-        if self.sink_tokens is not None and (not isinstance(self.sink_tokens, int) or self.sink_tokens < 0):
-            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        self._check_number("tau", 0.0, 1.0, low_open=True)
+        self._check_count("sink_tokens")
         self.validate_schedule()
 
     @property
@@ -150,12 +148,13 @@ _LOADED: dict[tuple, tuple] = {}
 
 
 def _load(folder: str, model):
-    """Gates of `folder` for `model`, read once per (folder, file time, model identity)."""
+    """Gates of `folder` for `model`, read once per (folder, file times and sizes, model identity)."""
     from ..gates.attention_gate import load_attention_gates
     from ..models import model_identity
 
-    weights = Path(folder) / "gates.safetensors"
-    stamp = weights.stat().st_mtime_ns if weights.is_file() else None
+    # both files: an edited gates.json must be read (and checked) again
+    files = [Path(folder) / "gates.safetensors", Path(folder) / "gates.json"]
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
     identity = tuple(sorted((k, str(v)) for k, v in model_identity(model).items() if k != "name"))
     key = (folder, stamp, identity)
     if key not in _LOADED:

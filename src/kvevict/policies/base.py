@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
@@ -91,16 +92,18 @@ class Policy:
         self._cache_ref = None if cache is None else weakref.ref(cache)
 
     # ------------------------------------------------------------------ validation
+    # Parameters that may be None (off, or a default decided later, e.g. from trained gates).
+    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = frozenset({"budget", "head_floor", "prefill_chunk", "decode_interval"})
+
     def validate(self) -> None:
-        ratio = self.compression_ratio
-        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-            raise ValueError(f"compression_ratio must be in [0, 1), got {ratio!r}")
+        self._check_number("compression_ratio", 0.0, 1.0)
+        self._check_count("budget", minimum=1)
+        self._check_count("sink_tokens")
+        self._check_count("window")
         if self.budget is not None:
-            if ratio:
+            if self.compression_ratio:
                 raise ValueError("give either compression_ratio or budget, not both")
-            if not isinstance(self.budget, int) or self.budget < 1:
-                raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
-            protected = self.sink_tokens + self.window
+            protected = (self.sink_tokens or 0) + (self.window or 0)
             if self.budget < protected:
                 raise ValueError(
                     f"budget={self.budget} is smaller than the protected tokens "
@@ -108,19 +111,40 @@ class Policy:
                 )
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.head_floor is not None and not 0.0 <= self.head_floor <= 1.0:
-            raise ValueError(f"head_floor must be in [0, 1], got {self.head_floor!r}")
-        for name in ("sink_tokens", "window"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self._check_number("head_floor", 0.0, 1.0, high_open=False)
         self.validate_schedule()
 
     def validate_schedule(self) -> None:
         """When eviction runs: after prefill chunks of `prefill_chunk` tokens, every `decode_interval` tokens."""
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {self.prefill_chunk!r}")
-        if self.decode_interval is not None and self.decode_interval < 1:
-            raise ValueError(f"decode_interval must be a positive number of tokens or None, got {self.decode_interval!r}")
+        self._check_count("prefill_chunk", minimum=1)
+        self._check_count("decode_interval", minimum=1)
+
+    def _check_count(self, name: str, minimum: int = 0, unit: str = "tokens") -> None:
+        """Parameter `name` must be a whole number >= minimum (not a bool); numpy integers become int."""
+        value = getattr(self, name)
+        if value is None and name in self.OPTIONAL_PARAMS:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            optional = " or None" if name in self.OPTIONAL_PARAMS else ""
+            raise ValueError(f"{name} must be a whole number of {unit} >= {minimum}{optional}, got {value!r}")
+        setattr(self, name, int(value))
+
+    def _check_number(self, name: str, low: float, high: float, low_open: bool = False,
+                      high_open: bool = True) -> None:
+        """Parameter `name` must be a finite real number in the interval (not a bool); numpy numbers become float."""
+        value = getattr(self, name)
+        if value is None and name in self.OPTIONAL_PARAMS:
+            return
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+        if not (ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+            if math.isinf(high):
+                allowed = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            optional = " or None" if name in self.OPTIONAL_PARAMS else ""
+            raise ValueError(f"{name} must be {allowed}{optional}, got {value!r}")
+        if type(value) not in (int, float):
+            setattr(self, name, float(value))
 
     @property
     def evicts(self) -> bool:
@@ -229,7 +253,9 @@ class Policy:
         """Tokens to keep per (layer, KV head) for each batch row, given the real tokens seen: LongTensor [B]."""
         if self.budget is not None:
             return torch.full_like(tokens_seen, self.budget)
-        return torch.ceil((1.0 - self.compression_ratio) * tokens_seen.double()).long()
+        keep = (1.0 - self.compression_ratio) * tokens_seen.double()
+        # rounded first so float noise cannot add a token: (1 - 0.97) * 100 is 3.0000000000000027
+        return torch.ceil(torch.round(keep * 1e9) / 1e9).long()
 
     def recent_window(self, target: int) -> int:
         """Most recent tokens protected when keeping `target` tokens per head."""
@@ -287,14 +313,16 @@ class Policy:
 
 
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Mask of the k[b, h] highest finite-or-+inf scores along the last dim (never -inf ones); ties broken by order."""
+    """Mask of the k[b, h] highest scores along the last dim, never a -inf one and always every +inf one
+    (protected entries: k rises to cover them); ties broken by order."""
     n = scores.shape[-1]
     if n == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    k = torch.maximum(k.expand(scores.shape[:-1]), (scores == float("inf")).sum(-1))
     order = scores.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
-    return (rank < k.unsqueeze(-1).expand(*scores.shape[:-1], 1)) & (scores > float("-inf"))
+    return (rank < k.unsqueeze(-1)) & (scores > float("-inf"))
 
 
 def _lift_top(scores: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:

@@ -328,6 +328,7 @@ class FastGenPolicy(Policy):
     observed_state = ("_profiles", "profile_seconds")
     # T and the tokenizer do not change what is observed (token kinds are stored with the rows)
     SIZING_PARAMS: ClassVar[frozenset[str]] = Policy.SIZING_PARAMS | {"recovery", "tokenizer"}
+    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"profile_window"}
 
     def validate(self) -> None:
         super().validate()
@@ -336,17 +337,11 @@ class FastGenPolicy(Policy):
                              "(or compression_ratio as a target), not budget")
         if self.allocation != "uniform" or self.head_floor is not None:
             raise ValueError("fastgen chooses a policy per head; allocation and head_floor do not apply")
-        if not isinstance(self.recovery, (int, float)) or not 0.0 <= float(self.recovery) <= 1.0:
-            raise ValueError(f"recovery must be in [0, 1], got {self.recovery!r}")
-        for name in ("local_ratio", "frequent_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        window = self.profile_window
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise ValueError(f"profile_window must be a positive number of query rows or None, got {window!r}")
-        if not isinstance(self.profile_memory_mb, (int, float)) or not self.profile_memory_mb > 0:
-            raise ValueError(f"profile_memory_mb must be > 0, got {self.profile_memory_mb!r}")
+        self._check_number("recovery", 0.0, 1.0, high_open=False)
+        self._check_number("local_ratio", 0.0, 1.0, low_open=True, high_open=False)
+        self._check_number("frequent_ratio", 0.0, 1.0, low_open=True, high_open=False)
+        self._check_count("profile_window", minimum=1, unit="query rows")
+        self._check_number("profile_memory_mb", 0.0, float("inf"), low_open=True)
 
     @property
     def evicts(self) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -38,23 +39,17 @@ class FastKVzipPolicy(Policy):
     window: int | None = None  # None: 4,096 tokens, or 2% of the context under 16k tokens
     gates: str | None = None  # checkpoint folder; None: the gates shipped for the model
     name = "fastkvzip"
+    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"compression_ratio", "window"}
     _gates: object = field(default=None, init=False, repr=False, compare=False)
-
-    def validate(self) -> None:
-        if self.compression_ratio is None:
-            saved, self.compression_ratio = self.compression_ratio, 0.0
-            try:
-                super().validate()
-            finally:
-                self.compression_ratio = saved
-        else:
-            super().validate()
-        if self.window is not None and self.window < 0:
-            raise ValueError(f"window must be >= 0 tokens or None, got {self.window!r}")
 
     @property
     def evicts(self) -> bool:
         return self.budget is not None or self.compression_ratio is None or self.compression_ratio > 0
+
+    def describe(self) -> str:
+        if self.budget is None and self.compression_ratio is None:  # not bound to a cache yet
+            return f"{self.name}(trained ratio, {self.allocation})"
+        return super().describe()
 
     def bind(self, cache) -> None:
         super().bind(cache)
@@ -64,6 +59,9 @@ class FastKVzipPolicy(Policy):
         self._gates = gates.to(next(model.parameters()).device)
         self.gate_meta = meta
         if self.compression_ratio is None and self.budget is None:
+            if "target_ratio" not in meta["hyper"]:
+                raise ValueError(f"gate checkpoint {folder} records no target_ratio in gates.json: "
+                                 "give compression_ratio or budget")
             self.compression_ratio = float(meta["hyper"]["target_ratio"])
         self._pending: dict[int, torch.Tensor] = {}
 

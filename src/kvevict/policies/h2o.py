@@ -26,8 +26,7 @@ class H2OPolicy(Policy):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.recent_fraction < 1.0:
-            raise ValueError(f"recent_fraction must be in [0, 1), got {self.recent_fraction!r}")
+        self._check_number("recent_fraction", 0.0, 1.0)
 
     def recent_window(self, target: int) -> int:
         return max(self.window, math.floor(self.recent_fraction * target))

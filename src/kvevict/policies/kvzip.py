@@ -68,10 +68,8 @@ class KVzipPolicy(Policy):
 
     def validate(self) -> None:
         super().validate()
-        if self.chunk_size < 16:
-            raise ValueError(f"chunk_size must be >= 16 tokens, got {self.chunk_size!r}")
-        if self.prompt_overlap < 0:
-            raise ValueError(f"prompt_overlap must be >= 0, got {self.prompt_overlap!r}")
+        self._check_count("chunk_size", minimum=16)
+        self._check_count("prompt_overlap")
 
     def bind(self, cache) -> None:
         super().bind(cache)

@@ -27,9 +27,9 @@ class SnapKVPolicy(Policy):
 
     def validate(self) -> None:
         super().validate()
-        if self.observation_window < 1:
-            raise ValueError(f"observation_window must be >= 1, got {self.observation_window!r}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+        self._check_count("observation_window", minimum=1, unit="queries")
+        self._check_count("kernel_size", minimum=1)
+        if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size!r}")
 
     def score(self, layer_idx, ctx):
