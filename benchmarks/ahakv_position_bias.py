@@ -26,7 +26,7 @@ import transformers
 
 import kvevict
 from kvevict.data import haystack
-from kvevict.policies.ahakv import bias_stats, plot_position_histograms, position_bias
+from kvevict.profiling import bias_stats, plot_position_histograms, position_bias
 
 STATS = ("second_half", "first_tenth", "second_half_scored", "mean_position")
 BINS = 40

@@ -31,18 +31,16 @@ import kvevict
 from kvevict.attention import attention_probs
 from kvevict.compat import cache_kwargs
 from kvevict.data import haystack
-from kvevict.policies.base import ObserverSet, Policy
-from kvevict.policies.fastgen import CANDIDATES, plot_heads, prompt_ids, summarize, timed_prefill, token_kinds
+from kvevict.policies.base import ObserverSet, Policy, PolicyState
+from kvevict.policies.fastgen import CANDIDATES, token_kinds
+from kvevict.profiling import achieved_ratio, plot_heads, prompt_ids, summarize, timed_prefill
 
 
-@dataclass
-class AttentionRecorder(Policy):
-    """Evicts nothing; once `recording` is set, keeps each single-query forward's attention (group mean)."""
+class RecorderState(PolicyState):
+    """Once `recording` is set, keeps each single-query forward's attention (group mean)."""
 
-    name = "attention-recorder"
-
-    def bind(self, cache) -> None:
-        super().bind(cache)
+    def __init__(self, policy, geometry, tokenizer=None):
+        super().__init__(policy, geometry, tokenizer)
         self.recording = False
         self.steps: dict[int, list[torch.Tensor]] = {}
 
@@ -59,11 +57,19 @@ class AttentionRecorder(Policy):
         assert bool((positions == torch.arange(positions.numel())).all()), "expects an unevicted, unpadded cache"
         self.steps.setdefault(layer_idx, []).append(probs.mean(2)[0, :, 0])  # [H, L]
 
-    def score(self, layer_idx, ctx):
+
+@dataclass(frozen=True)
+class AttentionRecorder(Policy):
+    """Evicts nothing; its state records the attention of decoded queries."""
+
+    name = "attention-recorder"
+    State = RecorderState
+
+    def score(self, state, layer_idx, ctx):
         return ctx.view.positions.float()
 
 
-def held_out_recovery(recorder: AttentionRecorder, cache, prompt_len: int) -> torch.Tensor:
+def held_out_recovery(recorder: RecorderState, cache, prompt_len: int) -> torch.Tensor:
     """Per (evictable layer, KV head): 1 - mean over the recorded decode queries of the attention on dropped prompt
     keys. [N_layers, H]."""
     rows = []
@@ -106,7 +112,7 @@ def decode_timing(model, observed, last: torch.Tensor, steps: int, recovery: flo
         seconds = time.perf_counter() - started
         out[label] = {"s_per_token": seconds / steps, "kv_bytes": twin.nbytes(), "full_kv_bytes": twin.full_nbytes()}
         if policy.evicts:
-            out[label]["compression_ratio"] = float(policy.achieved_ratio()[0])
+            out[label]["compression_ratio"] = float(achieved_ratio(twin)[0])
         del twin
     return out
 
@@ -133,13 +139,12 @@ def run_model(name: str, args) -> dict:
     for mode, window in (("every row", None), (f"last {args.window} rows", args.window)):
         fastgen = kvevict.make_policy("fastgen", profile_window=window)
         recorder = AttentionRecorder()
+        observer = ObserverSet([fastgen, recorder])
         observed_times, profile_times = [], []
         for _ in range(args.repeats):  # the last observed cache is the one used below
-            observer = ObserverSet([fastgen, recorder])
-            observer.set_tokenizer(tok)
-            observed = kvevict.EvictingCache(model, observer)
+            observed = kvevict.EvictingCache(model, observer, tokenizer=tok)
             observed_times.append(timed_prefill(model, observed, prompt))
-            profile_times.append(observer.member_like(fastgen).profile_seconds)
+            profile_times.append(observed.state.member_like(fastgen).profile_seconds)
         observed_s = min(observed_times)
         entry = {"profile_window": window, "prefill_observed_s": observed_s, "profile_s": min(profile_times),
                  "prefill_observed_all_s": observed_times, "profile_all_s": profile_times,
@@ -150,14 +155,14 @@ def run_model(name: str, args) -> dict:
             twin = observed.fork(kvevict.make_policy("fastgen", recovery=T, profile_window=window))
             twin.evict()
             twins[T] = twin
-            stats = summarize(twin.policy, twin)
+            stats = summarize(twin)
             entry["thresholds"][str(T)] = stats
             if window is None:
                 plot(name, n, T, stats, args.out)
         if window is None and args.decode_steps:
             entry["decode"] = decode_timing(model, observed, last, args.decode_steps, 0.95)
         if args.continuation:
-            recorder_member = observer.member_like(recorder)
+            recorder_member = observed.state.member_like(recorder)
             recorder_member.recording = True
             started = time.perf_counter()
             decode_greedy(model, observed, last, args.continuation)
@@ -217,8 +222,8 @@ def markdown(results: list[dict], args) -> str:
     lines += [
         "",
         f"Decoding {args.decode_steps} greedy tokens after the prompt (T = 0.95, every-row profile), each setting on "
-        "a copy of the observed prefill. KV bytes count allocated rows (free decode rows included) and per-row "
-        "metadata; the full-cache copy also carries the observer's two side channels.",
+        "a copy of the observed prefill. KV bytes count allocated rows (free decode rows included), per-row "
+        "metadata and the copy's own side channels (FastGen: token kind and cumulative attention; full: none).",
         "",
         "| model | setting | ms per token | KV bytes after decoding | ratio after decoding |",
         "|---|---|---|---|---|",

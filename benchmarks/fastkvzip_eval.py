@@ -46,8 +46,8 @@ def heldout(model, tok, folder, tokens_per_essay: int) -> dict:
             "training": {k: meta["training"].get(k) for k in ("tokens", "collect_seconds", "fit_seconds", "steps")}}
 
 
-def _timed_prefill(model, policy, ids, decode: int = 0) -> tuple[float, float, kvevict.EvictingCache]:
-    cache = kvevict.EvictingCache(model, policy)
+def _timed_prefill(model, tok, policy, ids, decode: int = 0) -> tuple[float, float, kvevict.EvictingCache]:
+    cache = kvevict.EvictingCache(model, policy, tokenizer=tok)
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(input_ids=ids, **cache_kwargs(cache))
@@ -67,8 +67,7 @@ def cost(model, tok, folder, length: int, ratio: float, decode: int, repeats: in
                          ("kvzip", {"compression_ratio": ratio})]:
         for _ in range(repeats):
             policy = kvevict.make_policy(name, **params)
-            policy.set_tokenizer(tok)
-            prefill_s, decode_s, cache = _timed_prefill(model, policy, ids, decode if name != "kvzip" else 0)
+            prefill_s, decode_s, cache = _timed_prefill(model, tok, policy, ids, decode if name != "kvzip" else 0)
             old = best.get(name, [float("inf"), float("inf")])
             best[name] = [min(old[0], prefill_s), min(old[1], decode_s)]
             saved = cache.compression()

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import kvevict
-from kvevict.cache import LayerContext
 from kvevict.compat import cache_kwargs
+from kvevict.contexts import LayerContext
 from kvevict.models import tiny_model, tiny_tokenizer
-from kvevict.policies.ahakv import AhaKVPolicy, profile, step_gain_lambda, value_prior_weights
+from kvevict.policies.ahakv import AhaKVPolicy, step_gain_lambda, value_prior_weights
 from kvevict.policies.base import ObserverSet
+from kvevict.profiling import ahakv_profile
 
 from .conftest import left_padded_batch
 
@@ -49,8 +50,9 @@ def scores_before_eviction(model, ids, policy):
     fork = observed.fork(policy)
     out = {}
     for layer in fork.layers:
-        ctx = LayerContext(layer.layer_idx, layer.store.view(), layer.store, layer.scaling, row_start=fork.row_start)
-        out[layer.layer_idx] = policy.score(layer.layer_idx, ctx)[0]
+        ctx = LayerContext(layer.layer_idx, layer.store.view(), layer.store, layer.scaling, row_start=fork.row_start,
+                           tokens_seen=fork.tokens_seen, seen=fork.seen)
+        out[layer.layer_idx] = fork.state.score(layer.layer_idx, ctx)[0]
     return out
 
 
@@ -197,7 +199,7 @@ def test_decoding_keeps_the_budget_fixed_and_scores_with_recent_queries(family):
             out = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache))
     seen = cache.seen
     for i in evictable:
-        _, query_positions, _ = policy.recent_queries(i)
+        _, query_positions, _ = cache.state.recent_queries(i)
         assert query_positions.tolist() == list(range(seen - R, seen))  # decoded queries drive the scores
         for b, row in enumerate(cache.kept_positions(i)):
             end = seen - int(cache.row_start[b])  # relative position of the next token
@@ -243,7 +245,7 @@ def test_ablations_observed_together_evict_like_separate_runs():
 def test_profile_reports_positions_and_draws_histograms(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     prompt = "the quick brown fox jumps over the lazy dog " * 5
-    report = profile(model, tok, prompt, kvevict.make_policy("ahakv", recent_rows=R), tmp_path)
+    report = ahakv_profile(model, tok, prompt, kvevict.make_policy("ahakv", recent_rows=R), tmp_path)
     n = len(tok(prompt).input_ids)
     budget = math.ceil(0.25 * n)
     picture = tmp_path / "ahakv_position_bias.png"
@@ -288,7 +290,8 @@ def test_defaults_follow_the_paper():
 def test_profile_refuses_a_budget_as_long_as_the_prompt():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(ValueError, match="budget"):
-        profile(model, tok, "a short prompt", kvevict.make_policy("ahakv", budget=40, recent_rows=4), "/nonexistent")
+        ahakv_profile(model, tok, "a short prompt", kvevict.make_policy("ahakv", budget=40, recent_rows=4),
+                      "/nonexistent")
 
 
 # ---------------------------------------------------------------------------------------------- real model

@@ -284,9 +284,8 @@ def test_checkpoint_for_another_model_is_refused(saved):
 
 def test_ratio_is_the_trained_target(saved):
     model, _, folder = saved
-    policy = kvevict.make_policy("attention-gate", gates=str(folder))
-    kvevict.EvictingCache(model, policy)
-    assert policy.compression_ratio == CONFIG.target_ratio and policy.tau == CONFIG.tau
+    state = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder))).state
+    assert state.compression_ratio == CONFIG.target_ratio and state.tau == CONFIG.tau
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder), compression_ratio=0.52))
@@ -330,4 +329,4 @@ def test_shipped_gates_load_for_smollm2():
     policy = kvevict.make_policy("attention-gate")
     texts, cache = kvevict.generate(model, tok, ["The quick brown fox jumps over the lazy dog. " * 20], policy=policy,
                                     max_new_tokens=4, return_cache=True)
-    assert 0.0 < cache.compression() < 1.0 and policy.compression_ratio == pytest.approx(0.5)
+    assert 0.0 < cache.compression() < 1.0 and cache.state.compression_ratio == pytest.approx(0.5)

@@ -149,9 +149,7 @@ def test_a_shared_prefill_evicts_as_the_policy_alone_would(tok, policy):
     runs = plan_runs(cfg)
     prefix = torch.tensor([tok(" ".join(["alpha beta, gamma."] * 40)).input_ids[:200]])
     shared = dict(SampleEvaluator(model, tok, cfg, runs)._caches(prefix))
-    alone_policy = kvevict.make_policy(policy, compression_ratio=0.5)
-    alone_policy.set_tokenizer(tok)
-    alone = kvevict.EvictingCache(model, alone_policy)
+    alone = kvevict.EvictingCache(model, kvevict.make_policy(policy, compression_ratio=0.5), tokenizer=tok)
     prefill(model, alone, prefix, torch.ones_like(prefix), None)
     forked = shared[Run("fidelity", policy, 0.5)]
 

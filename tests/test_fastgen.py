@@ -21,6 +21,7 @@ from kvevict.policies.fastgen import (
     special_token_ids,
     token_kinds,
 )
+from kvevict.profiling import PROFILES, achieved_ratio
 
 from .conftest import left_padded_batch
 
@@ -166,8 +167,8 @@ def test_is_punctuation():
 
 
 # ---------------------------------------------------------------------------------------------- in the cache
-def prefill(model, policy, ids, mask=None):
-    cache = kvevict.EvictingCache(model, policy)
+def prefill(model, policy, ids, mask=None, tokenizer=None):
+    cache = kvevict.EvictingCache(model, policy, tokenizer=tokenizer)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     return cache
@@ -185,36 +186,37 @@ def test_policy_profile_equals_profile_of_eager_attention(window_args):
         attn = reference(input_ids=ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=reference.config)),
                          output_attentions=True).attentions
     policy = kvevict.make_policy("fastgen", tokenizer=tok, recovery=0.9, **window_args)
-    prefill(tiny_model("llama"), policy, ids, mask)
+    state = prefill(tiny_model("llama"), policy, ids, mask).state
     H = reference.config.num_key_value_heads
     kinds_table = token_kinds(tok)
-    for layer, got in policy.head_recovery().items():
+    for layer, got in state.head_recovery().items():
         for b in range(2):
             n = int(mask[b].sum())
             group = attn[layer][b, :, -n:, -n:].reshape(H, -1, n, n).mean(1).unsqueeze(0)  # [1, H, n, n]
             read = n if window_args.get("profile_window") is None else min(n, window_args["profile_window"])
-            rows = read if "profile_memory_mb" not in window_args else policy._profiles[layer].rows
+            rows = read if "profile_memory_mb" not in window_args else state.profiles[layer].rows
             kinds = kinds_table[ids[b, -n:]].float().view(1, 1, n).expand(1, H, n)
             positions = torch.arange(n).view(1, 1, n).expand(1, H, n)
             _, expected = profile_heads(group[:, :, -rows:], kinds, positions, torch.arange(n - rows, n).view(1, -1),
                                         group[:, :, -read:].sum(2), torch.tensor([n]), recovery=0.9)
             assert torch.allclose(got[b], expected[0], atol=1e-4)
     if "profile_memory_mb" in window_args:
-        assert 0 < policy._profiles[0].rows < 120  # the memory cap cut the profiled rows
+        assert 0 < state.profiles[0].rows < 120  # the memory cap cut the profiled rows
 
 
 def kept_sets(cache, layer, b=0):
     return [set(p.tolist()) for p in cache.kept_positions(layer)[b]]
 
 
-def check_rules(cache, policy, ids, b=0):
+def check_rules(cache, ids, b=0):
     """Every head keeps what its policy says, checked from the token ids alone (plus heavy hitters' budget)."""
-    kinds = token_kinds(policy.tokenizer)[ids[b]]
+    state, policy = cache.state, cache.policy
+    kinds = token_kinds(state.tokenizer)[ids[b]]
     seen = ids.shape[1]
     special = {i for i in range(seen) if kinds[i] == SPECIAL} | set(range(policy.sink_tokens))
     punct = {i for i in range(seen) if kinds[i] == PUNCT}
-    for layer, choice in policy.head_choices().items():
-        window = int(policy._profiles[layer].local_window[b])
+    for layer, choice in state.head_choices().items():
+        window = int(state.profiles[layer].local_window[b])
         for h, kept in enumerate(kept_sets(cache, layer, b)):
             c = int(choice[b, h])
             if c == 0:
@@ -238,11 +240,11 @@ def test_prefill_keeps_each_heads_rule(family, recovery):
     ids = tok(TEXT, return_tensors="pt").input_ids
     policy = kvevict.make_policy("fastgen", tokenizer=tok, recovery=recovery)
     cache = prefill(tiny_model(family), policy, ids)
-    check_rules(cache, policy, ids)
+    check_rules(cache, ids)
     counts = cache.kept_counts()
-    for layer, kept in policy.candidate_kept().items():  # the profile's counts are what the cache holds
-        assert torch.equal(kept.gather(-1, policy.head_choices()[layer].unsqueeze(-1)).squeeze(-1), counts[layer])
-    assert float(policy.achieved_ratio()[0]) == pytest.approx(float(policy.profile_ratio()[0]))
+    for layer, kept in cache.state.candidate_kept().items():  # the profile's counts are what the cache holds
+        assert torch.equal(kept.gather(-1, cache.state.head_choices()[layer].unsqueeze(-1)).squeeze(-1), counts[layer])
+    assert float(achieved_ratio(cache)[0]) == pytest.approx(float(cache.state.profile_ratio()[0]))
 
 
 @pytest.mark.parametrize("recovery", [0.3, 0.7, 0.95])
@@ -259,7 +261,7 @@ def test_decoding_keeps_applying_each_heads_rule(recovery):
         for t in range(steps):
             model(input_ids=new[:, t:t + 1], **cache_kwargs(cache))
     ids = torch.cat([prompt, new[:, :steps]], dim=1)
-    check_rules(cache, policy, ids)
+    check_rules(cache, ids)
     counts = cache.kept_counts()
     assert len(set(counts.flatten().tolist())) > 1  # heads keep different numbers of tokens
     seen = int(cache.tokens_seen[0])
@@ -275,9 +277,9 @@ def test_generate_with_a_left_padded_batch():
     texts, cache = kvevict.generate(tiny_model("llama"), tok, [TEXT, "hi. there, you"], policy=policy,
                                     max_new_tokens=9, return_cache=True)
     assert len(texts) == 2
-    ratio = policy.achieved_ratio()
+    ratio = achieved_ratio(cache)
     assert bool((ratio > 0).all()) and bool((ratio < 1).all())
-    assert policy.threshold.tolist() == pytest.approx([0.6, 0.6])
+    assert cache.state.threshold.tolist() == pytest.approx([0.6, 0.6])
 
 
 def test_answer_compresses_the_context_once():
@@ -286,8 +288,8 @@ def test_answer_compresses_the_context_once():
     answers, cache = kvevict.answer(tiny_model("llama"), tok, TEXT, ["what?", "who, then?"], policy=policy,
                                     max_new_tokens=5, return_cache=True)
     assert len(answers) == 2
-    assert cache.seen == int(policy._profiles[0].prompt_len)  # the questions and answers were dropped again
-    assert float(policy.achieved_ratio()[0]) == pytest.approx(float(policy.profile_ratio()[0]))
+    assert cache.seen == int(cache.state.profiles[0].prompt_len)  # the questions and answers were dropped again
+    assert float(achieved_ratio(cache)[0]) == pytest.approx(float(cache.state.profile_ratio()[0]))
 
 
 # ---------------------------------------------------------------------------------------------- target ratio
@@ -313,19 +315,19 @@ def test_target_ratio_is_met_within_one_head_step(target):
     ids = tok(TEXT, return_tensors="pt").input_ids
     policy = kvevict.make_policy("fastgen", tokenizer=tok, compression_ratio=target)
     cache = prefill(tiny_model("llama"), policy, ids)
-    achieved = float(policy.achieved_ratio()[0])
-    kept = torch.stack(list(policy.candidate_kept().values())).double()  # [N, 1, H, 5]
+    achieved = float(achieved_ratio(cache)[0])
+    kept = torch.stack(list(cache.state.candidate_kept().values())).double()  # [N, 1, H, 5]
     total = ids.shape[1] * kept.shape[0] * kept.shape[2]
     step = float((kept[..., 4] - kept[..., 0]).max()) / total
     assert target <= achieved < target + step
     # nothing better exists: a slightly higher T (the next recovery value) falls below the target
-    T = float(policy.threshold[0])
-    higher = torch.stack(list(policy.head_recovery().values()))
+    T = float(cache.state.threshold[0])
+    higher = torch.stack(list(cache.state.head_recovery().values()))
     higher = higher[higher > T]
     if higher.numel():
         other = kvevict.make_policy("fastgen", tokenizer=tok, recovery=float(higher.min()))
-        other_cache = prefill(tiny_model("llama"), other, ids)  # noqa: F841 (the policy reads its live cache)
-        assert float(other.achieved_ratio()[0]) < target
+        other_cache = prefill(tiny_model("llama"), other, ids)
+        assert float(achieved_ratio(other_cache)[0]) < target
     assert cache.compression() == pytest.approx(achieved, abs=1e-6)
 
 
@@ -335,25 +337,22 @@ def test_one_profile_serves_every_threshold():
     ids = tok(TEXT, return_tensors="pt").input_ids
     model = tiny_model("llama")
     observer = ObserverSet([kvevict.make_policy("fastgen", tokenizer=tok)])
-    observer.set_tokenizer(tok)
-    observed = prefill(model, observer, ids)
+    observed = prefill(model, observer, ids, tokenizer=tok)
     ratios = []
     for recovery in (0.5, 0.9, 0.98):
         twin = observed.fork(kvevict.make_policy("fastgen", tokenizer=tok, recovery=recovery))
         twin.evict()
         alone = kvevict.make_policy("fastgen", tokenizer=tok, recovery=recovery)
         assert torch.equal(twin.kept_counts(), prefill(model, alone, ids).kept_counts())
-        ratios.append(float(twin.policy.achieved_ratio()[0]))
+        ratios.append(float(achieved_ratio(twin)[0]))
     assert ratios == sorted(ratios, reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------- report
 def test_profile_report_and_heat_map(tmp_path):
-    from kvevict.policies.fastgen import profile
-
     tok = tiny_tokenizer()
     model = tiny_model("gemma3")
-    report = profile(model, tok, TEXT, kvevict.make_policy("fastgen", recovery=0.9), tmp_path)
+    report = PROFILES["fastgen"](model, tok, TEXT, kvevict.make_policy("fastgen", recovery=0.9), tmp_path)
     assert "heads per policy" in report and "compression ratio" in report and "profiling" in report
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
@@ -397,7 +396,7 @@ def test_smollm2_chat_tokens_and_profile():
                                                  "blue in two sentences."], policy=policy, max_new_tokens=8,
                                     return_cache=True)
     assert texts[0].strip()
-    recovery = torch.stack(list(policy.head_recovery().values()))[:, 0]  # [layers, H, 5]
-    chosen = recovery.gather(-1, torch.stack(list(policy.head_choices().values()))[:, 0].unsqueeze(-1))
+    recovery = torch.stack(list(cache.state.head_recovery().values()))[:, 0]  # [layers, H, 5]
+    chosen = recovery.gather(-1, torch.stack(list(cache.state.head_choices().values()))[:, 0].unsqueeze(-1))
     assert float(chosen.min()) >= 0.95 - 1e-6
-    assert 0.0 < float(policy.achieved_ratio()[0]) < 1.0
+    assert 0.0 < float(achieved_ratio(cache)[0]) < 1.0

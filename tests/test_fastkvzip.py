@@ -48,7 +48,7 @@ def test_kvzip_scores_match_a_direct_computation():
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
         model(input_ids=ids, **cache_kwargs(cache))
-    protected = policy.protected_prefix()
+    protected = cache.state.protected_prefix()
     # direct: the whole sequence (context + repeat prompt) through eager attention, scores read off the map
     lead = tok(FIRST_PROMPT, add_special_tokens=False).input_ids + tok(assistant_prefix(tok), add_special_tokens=False).input_ids
     repeat = lead + ids[0, protected:].tolist()
@@ -75,8 +75,8 @@ def test_kvzip_scores_match_a_direct_computation():
             assert torch.allclose(got[h, : len(kept)][kept >= protected], expected[h, chunk], atol=1e-4)
 
 
-def _tiny_gates(model, tmp_path, target=0.6):
-    torch.manual_seed(1)
+def _tiny_gates(model, tmp_path, target=0.6, seed=1):
+    torch.manual_seed(seed)
     layers = gated_layers(model)
     gates = build_gates({**gate_hyper(model, 8, 4), "target_ratio": target}, layers)
     for g in gates.values():
@@ -91,10 +91,10 @@ def test_fastkvzip_prefill_chunks_threshold_globally_outside_the_window(tmp_path
     policy = kvevict.make_policy("fastkvzip", gates=str(folder), prefill_chunk=60, window=10)
     assert policy.compression_ratio is None
     cache = kvevict.EvictingCache(model, policy)
-    assert policy.compression_ratio == pytest.approx(0.6)  # the ratio the gates were trained for
+    assert cache.state.compression_ratio == pytest.approx(0.6)  # the ratio the gates were trained for
     ids, mask = left_padded_batch((180,), seed=2)
     from kvevict.api import prefill
-    from kvevict.cache import attention_modules
+    from kvevict.hooks import attention_modules
 
     hidden = {}  # the hidden states each layer's gate read, to score every token directly
     hooks = [m.register_forward_pre_hook(
@@ -108,7 +108,7 @@ def test_fastkvzip_prefill_chunks_threshold_globally_outside_the_window(tmp_path
     last_evicted, survivors = [], []
     with torch.no_grad():
         for layer in range(L):
-            direct = policy._gates[str(layer)](torch.cat(hidden[layer]).float()).T  # [H, 180]
+            direct = cache.state.gates[str(layer)](torch.cat(hidden[layer]).float()).T  # [H, 180]
             for h, kept in enumerate(cache.kept_positions(layer)[0]):
                 kept = set(kept.tolist())
                 assert set(range(4)) <= kept and set(range(170, 180)) <= kept  # sinks and window
@@ -180,9 +180,9 @@ def test_shipped_gates_evict_their_target(name):
     context = kvevict.data.haystack(tok, 1500, needle="The secret code is 4172.")
     answers, cache = kvevict.answer(model, tok, context, ["What is the secret code?"], policy=policy,
                                     max_new_tokens=12, return_cache=True)
-    assert policy.compression_ratio == pytest.approx(0.7) and policy.gate_meta["model"]["name"]
+    assert cache.state.compression_ratio == pytest.approx(0.7) and cache.state.gate_meta["model"]["name"]
     # one threshold across the gated layers removes 70% of their entries (gemma3's sliding layers keep their window)
-    gated = policy.gate_meta["layers"]
+    gated = cache.state.gate_meta["layers"]
     kept = cache.kept_counts()[gated].double().mean().item() / cache.seen
     assert 0.25 < kept < 0.35, kept
     if name == "smollm2-135m":  # gemma3-270m loses this needle at 0.7 even so (quality: results/fastkvzip)

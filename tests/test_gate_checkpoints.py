@@ -147,8 +147,7 @@ def test_fastkvzip_checkpoint_without_a_ratio_needs_one_given(tmp_path):
     with pytest.raises(ValueError, match="records no target_ratio"):
         kvevict.EvictingCache(model, kvevict.make_policy("fastkvzip", gates=str(folder)))
     policy = kvevict.make_policy("fastkvzip", gates=str(folder), compression_ratio=0.5)
-    kvevict.EvictingCache(model, policy)
-    assert policy.compression_ratio == 0.5
+    assert kvevict.EvictingCache(model, policy).state.compression_ratio == 0.5
 
 
 def test_shipped_checkpoints_pass_the_checks():

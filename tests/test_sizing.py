@@ -117,5 +117,5 @@ def test_reusing_a_cache_for_another_prompt_says_so():
 
 @pytest.mark.parametrize("ratio, seen, kept", [(0.97, 100, 3), (0.7, 10, 3), (0.9, 1000, 100), (0.5, 5, 3)])
 def test_targets_are_not_lifted_by_float_noise(ratio, seen, kept):
-    policy = kvevict.make_policy("window", compression_ratio=ratio)
-    assert policy.target_tokens(torch.tensor([seen])).tolist() == [kept]
+    cache = kvevict.EvictingCache(tiny_model("llama"), kvevict.make_policy("window", compression_ratio=ratio))
+    assert cache.state.target_tokens(torch.tensor([seen])).tolist() == [kept]

@@ -87,9 +87,10 @@ def forwards(ids, mask, chunk, decode_steps, seed):
         yield torch.randint(3, 300, (ids.shape[0], 1), generator=g), mask, False
 
 
-def protected_count(policy, target, seen):
+def protected_count(cache, target, seen):
     """How many of a row's `seen` real tokens are protected when keeping `target`: sinks and recent window."""
-    return min(seen, policy.protected_prefix() + policy.recent_window(target))
+    state = cache.state
+    return min(seen, state.protected_prefix() + state.recent_window(target, cache.eviction_context()))
 
 
 def check_protected_kept(cache, policy):
@@ -100,7 +101,7 @@ def check_protected_kept(cache, policy):
         if layer.is_sliding or layer.store is None:
             continue
         for row, heads in enumerate(cache.kept_positions(layer.layer_idx)):
-            protected = set(range(min(seen[row], policy.protected_prefix())))
+            protected = set(range(min(seen[row], cache.state.protected_prefix())))
             protected |= set(range(max(0, seen[row] - policy.window), seen[row]))
             for kept in heads:
                 missing = protected - set(kept.tolist())
@@ -131,11 +132,11 @@ def test_sizing_invariants(trial):
             assert cache.nbytes() <= cache.full_nbytes() + metadata
             if evicted and policy.allocation == "uniform":
                 seen = cache.tokens_seen
-                targets = policy.target_tokens(seen)
+                targets = cache.state.target_tokens(seen)
                 counts = cache.kept_counts()
                 for row in range(len(seen)):
                     target, real = int(targets[row]), int(seen[row])
-                    want = min(real, max(target, protected_count(policy, target, real)))
+                    want = min(real, max(target, protected_count(cache, target, real)))
                     for layer in cache.layers:
                         if not layer.is_sliding:
                             assert counts[layer.layer_idx, row].eq(want).all(), (

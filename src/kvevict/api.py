@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .cache import EvictingCache
+from .chat import has_template, user_turn
 from .compat import cache_kwargs
 from .policies import Policy, make_policy
 
@@ -24,24 +25,23 @@ def _check_texts(name: str, texts) -> list[str]:
 
 
 def _use_chat(tokenizer, chat_template: bool | None) -> bool:
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat_template and not has_template:
+    if chat_template and not has_template(tokenizer):
         raise ValueError("chat_template=True but the tokenizer has no chat template")
-    return has_template if chat_template is None else chat_template
+    return has_template(tokenizer) if chat_template is None else chat_template
 
 
 def _render(tokenizer, text: str, chat: bool) -> str:
-    if not chat:
-        return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return user_turn(tokenizer, text) if chat else text
 
 
-def _greedy_kwargs(tokenizer, max_new_tokens: int, extra: dict) -> dict:
+def greedy_kwargs(tokenizer, max_new_tokens: int, extra: dict | None = None) -> dict:
+    """`generate()` arguments for greedy decoding of up to `max_new_tokens` tokens (whatever the model's generation
+    config samples with), updated with `extra`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=tokenizer.pad_token_id)
-    kwargs.update(extra)
+    kwargs.update(extra or {})
     return kwargs
 
 
@@ -78,17 +78,16 @@ def generate(
     prompts = _check_texts("prompts", prompts)
     policy = make_policy("full" if policy is None else policy) if not isinstance(policy, Policy) else policy
     chat = _use_chat(tokenizer, chat_template)
-    tokenizer.padding_side = "left"
     texts = [_render(tokenizer, p, chat) for p in prompts]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
-    policy.set_tokenizer(tokenizer)
-    cache = EvictingCache(model, policy)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",  # the caller's setting stays
+                    add_special_tokens=not chat).to(model.device)
+    cache = EvictingCache(model, policy, tokenizer=tokenizer)
     if policy.prefill_chunk and enc.input_ids.shape[1] > 1:
         prefill(model, cache, enc.input_ids[:, :-1], enc.attention_mask[:, :-1], policy.prefill_chunk)
     with torch.no_grad():
         out = model.generate(
             input_ids=enc.input_ids, attention_mask=enc.attention_mask, **cache_kwargs(cache),
-            **_greedy_kwargs(tokenizer, max_new_tokens, generate_kwargs),
+            **greedy_kwargs(tokenizer, max_new_tokens, generate_kwargs),
         )
     decoded = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return (decoded, cache) if return_cache else decoded
@@ -119,8 +118,7 @@ def compress_context(model, tokenizer, context: str, policy: Policy | None = Non
     policy = make_policy("full") if policy is None else policy
     ids, _ = encode_context_question(tokenizer, context, "?", chat_template, question_template)
     context_ids = torch.tensor([ids], device=model.device)
-    policy.set_tokenizer(tokenizer)
-    cache = EvictingCache(model, policy)
+    cache = EvictingCache(model, policy, tokenizer=tokenizer)
     prefill(model, cache, context_ids, torch.ones_like(context_ids), policy.prefill_chunk)
 
     def render(question: str) -> torch.Tensor:
@@ -155,7 +153,7 @@ def answer(
         with cache.frozen_tokens(), torch.no_grad():
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache),
-                **_greedy_kwargs(tokenizer, max_new_tokens, generate_kwargs),
+                **greedy_kwargs(tokenizer, max_new_tokens, generate_kwargs),
             )
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return (answers, cache) if return_cache else answers

@@ -10,10 +10,27 @@ the mask transformers built, so setting the implementation on a model is harmles
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
 ATTN_IMPLEMENTATION = "kvevict"
+# The cache whose forward is running (set by the decoder hooks, hooks.py): the attention function reads it.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("kvevict_active_cache", default=None)
+
+
+def active_cache():
+    """The EvictingCache whose forward pass is running, if any."""
+    return _ACTIVE.get()
+
+
+def activate(cache) -> contextvars.Token:
+    return _ACTIVE.set(cache)
+
+
+def deactivate(token: contextvars.Token) -> None:
+    _ACTIVE.reset(token)
 _QUERY_BLOCK = 256  # query rows per block when materialising probabilities (bounds memory on long prompts)
 
 
@@ -186,8 +203,6 @@ def evicted_attention(
 
 def kvevict_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers AttentionInterface entry point."""
-    from .cache import active_cache  # late import: cache imports this module
-
     cache = active_cache()
     if cache is None or not cache.manages(module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

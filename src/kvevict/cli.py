@@ -126,17 +126,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    """Run a policy's own profiling report (policies that define `profile(...)` in their module)."""
-    import importlib
-
+    """Run a policy's profiling report (the policies in `kvevict.profiling.PROFILES`)."""
     from .data import haystack
-    from .policies import list_policies, policy_class
+    from .profiling import PROFILES
 
     policy = _policy_from_args(args)
-    module = importlib.import_module(type(policy).__module__)
-    if not hasattr(module, "profile"):
-        with_report = [n for n in list_policies() if hasattr(importlib.import_module(policy_class(n).__module__), "profile")]
-        raise SystemExit(f"policy {policy.name!r} has no profiling report; these do: {', '.join(with_report) or 'none'}")
+    report = PROFILES.get(policy.name)
+    if report is None:
+        raise SystemExit(f"policy {policy.name!r} has no profiling report; these do: {', '.join(sorted(PROFILES))}")
     from .models import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -146,7 +143,7 @@ def cmd_profile(args) -> None:
         prompt = haystack(tok, args.context_tokens)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(module.profile(model, tok, prompt, policy, out_dir))
+    print(report(model, tok, prompt, policy, out_dir))
 
 
 def cmd_policies(args) -> None:

@@ -218,11 +218,17 @@ def context_window(name_or_path: str) -> int | None:
     return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
+def config_of(model_or_config):
+    """The transformers config of a model, or the config itself."""
+    return model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config
+
+
 def model_identity(model) -> dict:
-    """What identifies a model for trained gates: name, architecture and attention shape."""
-    config = model.config.get_text_config(decoder=True)
+    """What identifies a model (or its config) for trained gates: name, architecture and attention shape."""
+    top = config_of(model)
+    config = top.get_text_config(decoder=True)
     return {
-        "name": getattr(model.config, "name_or_path", "") or "",
+        "name": getattr(top, "name_or_path", "") or "",
         "model_type": config.model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "num_key_value_heads": config.num_key_value_heads,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..api import encode_context_question, prefill
+from ..api import encode_context_question, greedy_kwargs, prefill
 from ..cache import EvictingCache
 from ..compat import cache_kwargs
 from ..policies import make_policy
@@ -136,8 +136,7 @@ def _sizes(cache: EvictingCache) -> dict:
 
 
 def _greedy(model, tok, cache, ids: torch.Tensor, max_new_tokens: int, frozen: bool) -> list[int]:
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  pad_token_id=tok.pad_token_id)
+    kwargs = greedy_kwargs(tok, max_new_tokens)
     with torch.no_grad():
         if frozen:
             with cache.frozen_tokens():
@@ -158,8 +157,7 @@ def _same_size_groups(caches: dict) -> list[list]:
 def _greedy_batch(model, tok, cache, ids: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
     """Greedy answers for every row of a stacked cache (same prompt ids), with nothing evicted or kept after."""
     batch = ids.expand(cache.batch, -1)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  pad_token_id=tok.pad_token_id)
+    kwargs = greedy_kwargs(tok, max_new_tokens)
     with torch.no_grad(), cache.frozen_tokens():
         out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **cache_kwargs(cache), **kwargs)
     return [row[ids.shape[1]:].tolist() for row in out]
@@ -183,15 +181,11 @@ class SampleEvaluator:
     def _caches(self, prefix: torch.Tensor):
         """Yield (run, compressed cache) for every run; shared prefill where possible."""
         policies = {run: build_policy(self.cfg, run) for run in self.runs}
-        for p in policies.values():
-            p.set_tokenizer(self.tok)
         shared = [r for r, p in policies.items() if not p.prefill_chunk and not type(p).alters_forward]
         observed = None
         if shared:
-            observers = [build_policy(self.cfg, r) for r in shared if policies[r].observes]  # own instances
-            for observer in observers:  # before grouping: a tokenizer can be part of what a policy observes
-                observer.set_tokenizer(self.tok)
-            observed = EvictingCache(self.model, ObserverSet(observers))
+            observers = [policies[r] for r in shared if policies[r].evicts]
+            observed = EvictingCache(self.model, ObserverSet(observers), tokenizer=self.tok)
             prefill(self.model, observed, prefix, torch.ones_like(prefix), None)
         for run, policy in policies.items():
             if run in shared:
@@ -199,7 +193,7 @@ class SampleEvaluator:
                 if policy.evicts:
                     cache.evict()
             else:
-                cache = EvictingCache(self.model, policy)
+                cache = EvictingCache(self.model, policy, tokenizer=self.tok)
                 prefill(self.model, cache, prefix, torch.ones_like(prefix), policy.prefill_chunk)
             yield run, cache
 

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import config_of
+
 KIND = "attention-gate"
 TRAINING_ATTENTION = "kvevict_attention_gate"  # the differentiable flagged attention, for training and checks
 
@@ -207,20 +209,21 @@ def _band_attention(q, k, v, key_valid, distance_bias):
 # ---------------------------------------------------------------------------------------------- model plumbing
 def gated_layers(model) -> list[int]:
     """Indices of the layers that get a gate: every full-attention layer (Gemma3's sliding layers are not)."""
-    config = model.config.get_text_config(decoder=True)
+    config = config_of(model).get_text_config(decoder=True)
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     return [i for i, kind in enumerate(kinds) if kind != "sliding_attention"]
 
 
 def build_gates(model, config: GateConfig, seed: int | None = None) -> nn.ModuleDict:
-    """Fresh float32 gates for every gated layer of `model`, keyed by str(layer index)."""
-    text = model.config.get_text_config(decoder=True)
+    """Fresh float32 gates for every gated layer of `model` (on its device; or of a config, on the CPU), keyed by
+    str(layer index)."""
+    text = config_of(model).get_text_config(decoder=True)
     if seed is not None:
         torch.manual_seed(seed)
     gates = nn.ModuleDict({
         str(i): AttentionGate(text.hidden_size, text.num_key_value_heads, config) for i in gated_layers(model)
     })
-    return gates.to(next(model.parameters()).device)
+    return gates.to(next(model.parameters()).device) if isinstance(model, nn.Module) else gates
 
 
 def gate_parameters(gates: nn.ModuleDict) -> int:
@@ -252,7 +255,7 @@ def resolve_gates_dir(gates: str | Path | None, model) -> Path:
         return Path(gates)
     from .checkpoint import shipped_gates
 
-    return shipped_gates(KIND, getattr(model.config, "name_or_path", "") or "")
+    return shipped_gates(KIND, getattr(config_of(model), "name_or_path", "") or "")
 
 
 def hard_flags(prob: torch.Tensor, tau: float) -> torch.Tensor:
@@ -286,14 +289,14 @@ def flagged_forward(model, gates: nn.ModuleDict, config: GateConfig, straight_th
     `flagged_attention` (registered as TRAINING_ATTENTION) for the duration of the block. With
     `straight_through`, flags carry the STE gradient to the gates; otherwise they are constant hard flags.
     """
-    from ..cache import attention_modules
+    from ..hooks import attention_modules, hidden_states_of
 
     register_training_attention()
     records: dict[int, FlagRecord] = {}
     previous_impl = model.config._attn_implementation
 
     def gate_hook(module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        hidden = hidden_states_of(args, kwargs)
         key = str(module.layer_idx)
         if key not in gates:
             return

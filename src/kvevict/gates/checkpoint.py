@@ -125,3 +125,22 @@ def shipped_gates(kind: str, model_name: str) -> Path:
             f"train some with `kvevict train {kind} --model {model_name} --out DIR` and pass gates=DIR"
         )
     return folder
+
+
+_LOADED: dict[tuple, object] = {}
+_LOADED_MAX = 8
+
+
+def load_once(kind: str, folder: str | Path, model, load) -> object:
+    """`load(folder, model)` (a gate kind's loader), run once per process for each checkpoint and model shape:
+    every cache and request of a policy shares the loaded gates. A checkpoint whose files change is read again."""
+    folder = Path(folder).resolve()
+    files = [folder / "gates.safetensors", folder / "gates.json"]
+    stamps = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
+    identity = tuple(sorted((k, str(v)) for k, v in model_identity(model).items() if k != "name"))
+    key = (kind, str(folder), stamps, identity)
+    if key not in _LOADED:
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = load(folder, model)
+    return _LOADED[key]

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from ..models import config_of
+
 
 class HeadRMSNorm(nn.Module):
     """RMSNorm over the last dim with one weight vector shared by every head."""
@@ -57,13 +59,10 @@ class SinkGate(nn.Module):
         # exp(a) / (exp(a) + sum_s exp(b_s)) = sigmoid(a - logsumexp(b))
         return torch.sigmoid(l_self - l_sinks).mean(-1)
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def gate_hyper(model, gate_dim: int = 16, sinks: int = 16) -> dict:
-    """The shape parameters of the gates for `model`."""
-    config = model.config.get_text_config(decoder=True)
+    """The shape parameters of the gates for `model` (or its config)."""
+    config = config_of(model).get_text_config(decoder=True)
     return {"hidden_size": config.hidden_size, "kv_heads": config.num_key_value_heads,
             "group_size": config.num_attention_heads // config.num_key_value_heads, "gate_dim": gate_dim,
             "sinks": sinks}
@@ -71,7 +70,7 @@ def gate_hyper(model, gate_dim: int = 16, sinks: int = 16) -> dict:
 
 def gated_layers(model) -> list[int]:
     """Attention layers that get a gate: every layer, or the global (full-attention) ones of hybrid models."""
-    config = model.config.get_text_config(decoder=True)
+    config = config_of(model).get_text_config(decoder=True)
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     return [i for i, kind in enumerate(types) if kind != "sliding_attention"]
 

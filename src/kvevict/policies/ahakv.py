@@ -46,16 +46,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import accumulated_attention
-from .base import Policy
+from .base import Policy, PolicyState
 
 GROUP_REDUCTIONS = ("mean", "max")
-_PARTS = {"recent_accumulation": "RA", "step_gain": "SG", "value_prior": "VPE"}
+PARTS = {"recent_accumulation": "RA", "step_gain": "SG", "value_prior": "VPE"}
 
 
 def step_gain_lambda(n, k, d: int):
@@ -91,7 +90,44 @@ def value_prior_weights(values: torch.Tensor, valid: torch.Tensor, kernel: int) 
     return energy / peak.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-@dataclass
+def attention_stat(group_head: int) -> str:
+    """Side channel of one query head of the group: attention accumulated over every query row (RA off). Each
+    observing state has its own namespace, and variants that share one observe the same, so no sizing tag."""
+    return f"ahakv:g{group_head}"
+
+
+class AhaKVState(PolicyState):
+    """What one cache observed: the last r queries (RA) or the accumulated attention of every row (RA off)."""
+
+    def softmax_scale(self, ctx, tokens_seen: torch.Tensor) -> float | torch.Tensor:
+        """Softmax scale per batch row, [B, 1, 1, 1, 1] (or the model's scale when SG is off)."""
+        if not self.policy.step_gain:
+            return ctx.scaling
+        budget = self.target_tokens(tokens_seen).clamp(min=1)
+        above = tokens_seen > budget
+        d = ctx.view.keys.shape[-1]
+        # rows at or below the budget evict nothing; give the formula a valid n there and use the plain scale
+        lam = step_gain_lambda(torch.where(above, tokens_seen, budget + 1), budget, d)
+        scale = torch.where(above, lam, torch.full_like(lam, ctx.scaling))
+        return scale.to(device=ctx.view.keys.device, dtype=torch.float32).view(-1, 1, 1, 1, 1)
+
+    def observe(self, layer_idx, ctx) -> None:
+        if self.policy.recent_accumulation:
+            self._buffer_queries(layer_idx, ctx)
+            return
+        # RA off: every query row's attention, accumulated per query head (H2O's score, before the group reduction)
+        seen_after = ctx.tokens_seen + ctx.query_valid.sum(1)  # tokens seen once this forward is done
+        scale = self.softmax_scale(ctx, seen_after)
+        queries = ctx.queries
+        if torch.is_tensor(scale):  # one scale per batch row: fold it into the queries
+            queries, scale = queries.float() * scale, 1.0
+        for g in range(queries.shape[2]):
+            total = accumulated_attention(queries[:, :, g:g + 1], ctx.view.keys, ctx.query_positions,
+                                          ctx.view.positions, scale, ctx.query_valid, ctx.sliding_window)
+            ctx.add_stat(attention_stat(g), total)
+
+
+@dataclass(frozen=True)
 class AhaKVPolicy(Policy):
     """Recent accumulation, Step Gain softmax and a value prior (see the module docstring)."""
 
@@ -104,15 +140,16 @@ class AhaKVPolicy(Policy):
     pool_kernel: int = 5
     group_reduction: str = "mean"
     name = "ahakv"
+    State = AhaKVState
 
     def __post_init__(self) -> None:
         if self.window is None:
-            self.window = self.recent_rows
+            object.__setattr__(self, "window", self.recent_rows)  # frozen: set once, here
         super().__post_init__()
 
     def validate(self) -> None:
         self._check_count("recent_rows", minimum=1, unit="query rows")
-        for part in _PARTS:
+        for part in PARTS:
             if not isinstance(getattr(self, part), bool):
                 raise ValueError(f"{part} must be True or False, got {getattr(self, part)!r}")
         self._check_count("pool_kernel", minimum=1)
@@ -126,13 +163,9 @@ class AhaKVPolicy(Policy):
     def query_window(self) -> int:  # type: ignore[override]
         return self.recent_rows if self.recent_accumulation else 0
 
-    @property
-    def needs_attention(self) -> bool:  # type: ignore[override]
-        return not self.recent_accumulation  # RA off accumulates every query row's attention as it arrives
-
     def variant(self) -> str:
         """Short label: 'ahakv', or the parts switched off, e.g. 'ahakv -RA -VPE'."""
-        off = [short for part, short in _PARTS.items() if not getattr(self, part)]
+        off = [short for part, short in PARTS.items() if not getattr(self, part)]
         return " ".join(["ahakv", *(f"-{short}" for short in off)])
 
     def observation_key(self) -> tuple:
@@ -148,182 +181,14 @@ class AhaKVPolicy(Policy):
                 observed.update(budget=self.budget, compression_ratio=self.compression_ratio)
         return (type(self), tuple(sorted((k, repr(v)) for k, v in observed.items())))
 
-    # ------------------------------------------------------------------ step gain
-    def _scale(self, ctx, tokens_seen: torch.Tensor) -> float | torch.Tensor:
-        """Softmax scale per batch row, [B, 1, 1, 1, 1] (or the model's scale when SG is off)."""
-        if not self.step_gain:
-            return ctx.scaling
-        budget = self.target_tokens(tokens_seen).clamp(min=1)
-        above = tokens_seen > budget
-        d = ctx.view.keys.shape[-1]
-        # rows at or below the budget evict nothing; give the formula a valid n there and use the plain scale
-        lam = step_gain_lambda(torch.where(above, tokens_seen, budget + 1), budget, d)
-        scale = torch.where(above, lam, torch.full_like(lam, ctx.scaling))
-        return scale.to(device=ctx.view.keys.device, dtype=torch.float32).view(-1, 1, 1, 1, 1)
-
-    def _stat_name(self, group_head: int) -> str:
-        # one channel per query head of the group; unique per observation key, so variants never add into the
-        # same channel when they observe one prefill together
-        tag = f"sg:{self.budget}:{self.compression_ratio}" if self.step_gain else "plain"
-        return f"ahakv:{tag}:g{group_head}"
-
-    def _group_size(self) -> int:
-        config = self._cache.model_config
-        return config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads)
-
-    # ------------------------------------------------------------------ observe -> score
-    def observe(self, layer_idx, ctx) -> None:
+    def score(self, state, layer_idx, ctx):
         if self.recent_accumulation:
-            self._buffer_queries(layer_idx, ctx)
-            return
-        # RA off: every query row's attention, accumulated per query head (H2O's score, before the group reduction)
-        seen_after = self._cache.tokens_seen + ctx.query_valid.sum(1)  # tokens seen once this forward is done
-        scale = self._scale(ctx, seen_after)
-        queries = ctx.queries
-        if torch.is_tensor(scale):  # one scale per batch row: fold it into the queries
-            queries, scale = queries.float() * scale, 1.0
-        for g in range(queries.shape[2]):
-            total = accumulated_attention(queries[:, :, g:g + 1], ctx.view.keys, ctx.query_positions,
-                                          ctx.view.positions, scale, ctx.query_valid, ctx.sliding_window)
-            ctx.add_stat(self._stat_name(g), total)
-
-    def score(self, layer_idx, ctx):
-        if self.recent_accumulation:
-            probs = self.recent_attention(layer_idx, ctx, scale=self._scale(ctx, self._cache.tokens_seen))
+            probs = state.recent_attention(layer_idx, ctx, scale=state.softmax_scale(ctx, ctx.tokens_seen))
             per_head = probs.sum(3)  # [B, H, G, L]: S_j over the last r rows, per query head
         else:
-            per_head = torch.stack([ctx.stat(self._stat_name(g)) for g in range(self._group_size())], dim=2)
+            group = state.geometry.group_size
+            per_head = torch.stack([ctx.stat(attention_stat(g)) for g in range(group)], dim=2)
         scores = per_head.mean(2) if self.group_reduction == "mean" else per_head.amax(2)
         if self.value_prior:
             scores = scores * value_prior_weights(ctx.view.values, ctx.view.valid, self.pool_kernel)
         return scores
-
-
-# ---------------------------------------------------------------------------------------------- position bias
-def _variants(policy: AhaKVPolicy, budget: int) -> dict[str, Policy]:
-    """h2o (with and without its recent half), `policy`'s AhaKV and each single-part ablation, at one budget."""
-    from . import make_policy
-
-    sizing = dict(budget=budget, decode_interval=None, allocation=policy.allocation, head_floor=policy.head_floor)
-    own = {k: v for k, v in policy.params().items() if k not in Policy.SIZING_PARAMS}
-    variants: dict[str, Policy] = {
-        "h2o": make_policy("h2o", **sizing),
-        "h2o recent_fraction=0": make_policy("h2o", recent_fraction=0.0, **sizing),
-    }
-    main = AhaKVPolicy(**own, **sizing)
-    variants[main.variant()] = main
-    for part in _PARTS:
-        if own[part]:
-            ablation = AhaKVPolicy(**{**own, part: False}, **sizing)
-            variants[ablation.variant()] = ablation
-    return variants
-
-
-def position_bias(model, tokenizer, prompt: str, policy: AhaKVPolicy | None = None, budget: int | None = None) -> dict:
-    """Prefill `prompt` once and evict it under h2o, h2o with recent_fraction=0, AhaKV and each single-part
-    ablation at the same `budget` (tokens per layer and KV head; default 25% of the prompt).
-
-    Returns {"tokens": n, "budget": k, "layers": evictable layers, "variants": {label: {"positions": LongTensor
-    of every kept (layer, KV head, token) position, 0 = the first prompt token; "window": protected recent
-    tokens}}}.
-    """
-    from ..api import prefill
-    from ..cache import EvictingCache
-    from .base import ObserverSet
-
-    policy = AhaKVPolicy() if policy is None else policy
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    n = ids.shape[1]
-    if budget is None:
-        budget = policy.budget if policy.budget is not None else math.ceil(0.25 * n)
-    if not 1 <= budget < n:
-        raise ValueError(f"budget must be between 1 and the prompt's length - 1 ({n - 1} tokens), got {budget}")
-    # the observer set binds its members to the observed cache; each fork gets fresh, equal policies
-    observed = EvictingCache(model, ObserverSet(list(_variants(policy, budget).values())))
-    prefill(model, observed, ids, torch.ones_like(ids), policy.prefill_chunk)
-    layers = [layer.layer_idx for layer in observed.layers if layer.evictable]
-    out = {"tokens": n, "budget": budget, "layers": layers, "variants": {}}
-    for label, variant in _variants(policy, budget).items():
-        fork = observed.fork(variant)
-        fork.evict()
-        kept = [p for layer in layers for p in fork.kept_positions(layer)[0]]
-        out["variants"][label] = {"positions": torch.cat(kept), "window": variant.recent_window(budget)}
-        del fork
-    return out
-
-
-def bias_stats(positions: torch.Tensor, tokens: int, window: int, entries: int) -> dict:
-    """Where kept tokens sit: fraction in the second half of the context, in its first 10%, and the second-half
-    fraction among the tokens chosen by score (outside the protected recent window). `entries` = layers x heads."""
-    pos = positions.double()
-    scored = pos[pos < tokens - window]
-    return {
-        "kept_per_head": positions.numel() / entries,
-        "second_half": float((pos >= tokens / 2).double().mean()),
-        "first_tenth": float((pos < tokens / 10).double().mean()),
-        "second_half_scored": float((scored >= tokens / 2).double().mean()) if scored.numel() else float("nan"),
-        "mean_position": float(pos.mean() / tokens),
-    }
-
-
-def plot_position_histograms(relative: dict[str, torch.Tensor], path: Path, title: str, bins: int = 40,
-                             protected: dict[str, float] | None = None) -> None:
-    """One histogram per variant of kept positions given as fractions of the context (0 = start, 1 = end);
-    `protected` shades each variant's protected recent window (as a fraction of the context)."""
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone, renders with Agg
-
-    fig = Figure(figsize=(8, 1.6 * len(relative) + 0.8))
-    axes = fig.subplots(len(relative), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (label, frac) in zip(axes, relative.items()):
-        counts = torch.histc(frac.double(), bins=bins, min=0.0, max=1.0)
-        share = (counts / counts.sum().clamp_min(1)).numpy()
-        ax.bar((torch.arange(bins) + 0.5).numpy() / bins, share, width=1.0 / bins, color="tab:blue")
-        ax.axhline(1.0 / bins, color="gray", lw=0.8, ls=":")
-        ax.axvline(0.5, color="black", lw=0.8, ls="--")
-        if protected and protected.get(label):
-            ax.axvspan(1.0 - protected[label], 1.0, color="tab:orange", alpha=0.2, lw=0)
-        second = float((frac >= 0.5).double().mean())
-        ax.set_ylabel("share", fontsize=8)
-        ax.set_title(f"{label}: {second:.1%} of kept tokens in the second half", fontsize=9, loc="left")
-    axes[-1].set_xlabel("position of kept token / context length (dotted: uniform spread; shaded: protected window)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def format_table(rows: dict[str, dict]) -> str:
-    head = f"{'variant':<24} {'kept/head':>9} {'2nd half':>9} {'first 10%':>9} {'2nd half, scored':>17} {'mean pos':>9}"
-    lines = [head]
-    for label, s in rows.items():
-        lines.append(f"{label:<24} {s['kept_per_head']:>9.0f} {s['second_half']:>9.3f} {s['first_tenth']:>9.3f} "
-                     f"{s['second_half_scored']:>17.3f} {s['mean_position']:>9.3f}")
-    return "\n".join(lines)
-
-
-def profile(model, tokenizer, prompt: str, policy: AhaKVPolicy, out_dir: Path) -> str:
-    """`kvevict profile --policy ahakv`: the positional bias AhaKV removes, on one prompt.
-
-    Evicts the prompt under h2o, h2o with recent_fraction=0 (pure accumulated attention), AhaKV and each
-    single-part ablation at the policy's budget (with a ratio: ceil((1 - ratio) n); neither: 25% of the prompt),
-    writes the histograms of kept positions to out_dir/ahakv_position_bias.png and returns the report.
-    """
-    n = len(tokenizer(prompt).input_ids)
-    budget = policy.budget
-    if budget is None:
-        budget = math.ceil((1 - policy.compression_ratio) * n) if policy.compression_ratio else math.ceil(0.25 * n)
-    result = position_bias(model, tokenizer, prompt, policy, budget)
-    entries = len(result["layers"]) * model.config.get_text_config(decoder=True).num_key_value_heads
-    rows = {label: bias_stats(v["positions"], n, v["window"], entries) for label, v in result["variants"].items()}
-    path = Path(out_dir) / "ahakv_position_bias.png"
-    name = getattr(model.config, "name_or_path", "") or type(model).__name__
-    plot_position_histograms({label: v["positions"].double() / n for label, v in result["variants"].items()}, path,
-                             f"{name}: kept positions, {n}-token prompt, budget {budget} tokens per head",
-                             protected={label: v["window"] / n for label, v in result["variants"].items()})
-    return "\n".join([
-        f"AhaKV position bias on {name}: {n}-token prompt, budget {budget} tokens per layer and KV head "
-        f"({budget / n:.0%} of the prompt), {len(result['layers'])} evictable layers",
-        format_table(rows),
-        "2nd half: share of kept (layer, head, token) entries in the second half of the context (0.5 = no bias);",
-        "scored: the same among tokens chosen by score, outside each variant's protected recent window.",
-        f"histograms: {path}",
-    ])

@@ -1,13 +1,17 @@
-"""The policy contract: observe -> score -> select. Policies never touch storage; the cache never decides.
+"""The policy contract: a frozen configuration that starts one mutable state per cache.
 
-A policy is a dataclass of the method's parameters. The cache calls it at three points:
+A policy (`Policy` subclass) is a frozen dataclass of its method's parameters: made once by `make_policy`, it
+serves any number of caches, threads or requests. Each cache calls `policy.start(geometry)` and gets a
+`PolicyState`, which holds everything that changes (buffered queries, profiles, loaded gates) and receives the
+hooks, each with an explicit context (contexts.py):
 
-- `observe(layer, ctx)` inside every attention call, with the layer's queries and the keys they attend to
-  (policies that need attention statistics accumulate them here);
-- `score(layer, ctx)` when an eviction is due, returning one number per kept token and KV head
-  (higher = more worth keeping);
-- `select(...)` (implemented here once for every policy) turns those scores into keep masks that respect
-  the budget, the allocation scheme and the protected tokens.
+- `on_layer_input(layer, hidden, forward)` and `initial_stats(layer, forward)` as a forward stores new tokens;
+- `observe(layer, ctx)` inside every attention call, with the layer's queries and the keys they attend to;
+- `prepare_eviction(eviction)`, then `score(layer, ctx)` per layer (higher = more worth keeping; by default
+  the configuration's `score(state, layer, ctx)`), then `select(...)`, which turns scores into keep masks that
+  respect the target, the allocation and the protected tokens.
+
+Policies never touch storage, and the cache never decides.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import weakref
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -24,14 +28,14 @@ import torch
 from ..attention import attention_probs
 
 if TYPE_CHECKING:
-    from ..cache import EvictingCache, LayerContext
+    from ..contexts import EvictionContext, ForwardContext, Geometry, LayerContext
 
 ALLOCATIONS = ("uniform", "head", "global")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Policy:
-    """Base class of every eviction policy.
+    """Base class of every eviction policy's configuration.
 
     Sizing (exactly one of):
         compression_ratio: fraction of KV pairs removed, in [0, 1) (kvpress's convention). At each eviction
@@ -42,7 +46,7 @@ class Policy:
         "head": one threshold across the KV heads of a layer (AdaKV-style); each head keeps at least
             `head_floor` x its uniform share.
         "global": one threshold across all layers and KV heads (KVzip-style "pair level").
-    Protected tokens (always kept, counted in the budget):
+    Protected tokens (always kept; where they outnumber the target, the target rises to cover them):
         sink_tokens: the first tokens of each sequence; window: the most recent tokens.
     Timing:
         prefill_chunk: prompt tokens per forward pass in `kvevict.generate`/`answer` (eviction runs after each
@@ -60,41 +64,23 @@ class Policy:
     decode_interval: int | None = 128
 
     name: ClassVar[str] = "base"
-    # Whether the policy reads token ids (e.g. FastGen's special/punctuation tokens): generate() and answer()
-    # hand it the tokenizer through `set_tokenizer`.
-    needs_tokenizer: ClassVar[bool] = False
     # Whether the policy changes the forward pass itself (in-context eviction); such a policy cannot share a
     # prefill with others (see EvictingCache.fork).
     alters_forward: ClassVar[bool] = False
-    # Attributes holding observations (besides the recent-query buffer) that `copy_observations` carries over.
-    observed_state: ClassVar[tuple[str, ...]] = ()
     # Parameters that only size or time the eviction; policies differing in these alone observe the same things.
     SIZING_PARAMS: ClassVar[frozenset[str]] = frozenset(
         {"compression_ratio", "budget", "allocation", "head_floor", "prefill_chunk", "decode_interval", "sink_tokens",
          "window"}
     )
+    # Parameters that may be None (off, or a default decided later, e.g. from trained gates).
+    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = frozenset({"budget", "head_floor", "prefill_chunk", "decode_interval"})
     # How many of the most recent queries per layer `score` wants to see (SnapKV's observation window).
     query_window: ClassVar[int] = 0
-    # Whether `observe` needs the attention probabilities (costs an extra pass over the keys).
-    needs_attention: ClassVar[bool] = False
-    _cache_ref: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
 
-    # The cache owns its policy; the policy only points back weakly, so a dropped cache is freed at once.
-    @property
-    def _cache(self) -> EvictingCache | None:
-        return None if self._cache_ref is None else self._cache_ref()
-
-    @_cache.setter
-    def _cache(self, cache: EvictingCache | None) -> None:
-        self._cache_ref = None if cache is None else weakref.ref(cache)
-
     # ------------------------------------------------------------------ validation
-    # Parameters that may be None (off, or a default decided later, e.g. from trained gates).
-    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = frozenset({"budget", "head_floor", "prefill_chunk", "decode_interval"})
-
     def validate(self) -> None:
         self._check_number("compression_ratio", 0.0, 1.0)
         self._check_count("budget", minimum=1)
@@ -127,7 +113,7 @@ class Policy:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
             optional = " or None" if name in self.OPTIONAL_PARAMS else ""
             raise ValueError(f"{name} must be a whole number of {unit} >= {minimum}{optional}, got {value!r}")
-        setattr(self, name, int(value))
+        object.__setattr__(self, name, int(value))  # frozen: normalised once, here
 
     def _check_number(self, name: str, low: float, high: float, low_open: bool = False,
                       high_open: bool = True) -> None:
@@ -144,84 +130,131 @@ class Policy:
             optional = " or None" if name in self.OPTIONAL_PARAMS else ""
             raise ValueError(f"{name} must be {allowed}{optional}, got {value!r}")
         if type(value) not in (int, float):
-            setattr(self, name, float(value))
+            object.__setattr__(self, name, float(value))
 
     @property
     def evicts(self) -> bool:
         """Whether this policy ever removes anything."""
-        return self.budget is not None or self.compression_ratio > 0
+        return self.budget is not None or self.compression_ratio is None or self.compression_ratio > 0
 
     def params(self) -> dict:
         """The dataclass parameters (what a user passes to `make_policy`)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
-    # ------------------------------------------------------------------ lifecycle
-    def bind(self, cache: EvictingCache) -> None:
-        """Attach to the one cache this policy configures."""
-        if self._cache_ref is not None and self._cache is not cache:  # bound before (even if that cache is gone)
-            raise ValueError(f"this {self.name} policy already configures another cache; make a new policy per cache")
-        self._cache = cache
-        self._queries: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-
-    @property
-    def observes(self) -> bool:
-        """Whether the cache must call `observe` (by default only when something will be evicted)."""
-        return self.evicts
-
-    def set_tokenizer(self, tokenizer) -> None:
-        """Give a policy that reads token ids its tokenizer (called by generate()/answer())."""
-
-    def initial_stats(self, layer_idx: int, input_ids: torch.Tensor | None, positions: torch.Tensor) -> dict | None:
-        """Per-row side-channel values for the new tokens of a layer, {name: [B, H, T]}, stored with the rows."""
-        return None
+    def describe(self) -> str:
+        size = f"budget={self.budget}" if self.budget is not None else f"ratio={self.compression_ratio:g}"
+        return f"{self.name}({size}, {self.allocation})"
 
     def observation_key(self) -> tuple:
         """Policies with equal keys observe the same things during a forward (they differ only in sizing)."""
         params = {k: v for k, v in self.params().items() if k not in self.SIZING_PARAMS}
         return (type(self), tuple(sorted((k, repr(v)) for k, v in params.items())))
 
-    def copy_observations(self, source: Policy) -> None:
-        """Take over what `source` (same observation_key) observed, e.g. to size one prefill several ways."""
-        if source.observation_key() != self.observation_key():
-            raise ValueError(f"cannot copy observations of {source.describe()} into {self.describe()}")
-        self._queries = {layer: list(chunks) for layer, chunks in source._queries.items()}
-        for name in self.observed_state:
-            setattr(self, name, copy.deepcopy(getattr(source, name)))
+    # ------------------------------------------------------------------ per-cache state
+    State: ClassVar[type[PolicyState]]  # set below: the state class `start` makes (methods with state override it)
 
-    def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor) -> None:
-        """Called with the hidden states entering each attention module (before q/k/v). Gates use it."""
+    def start(self, geometry: Geometry, tokenizer=None) -> PolicyState:
+        """A fresh state for one cache of `geometry` (`tokenizer`: for policies that read token ids)."""
+        return self.State(self, geometry, tokenizer)
 
+    def score(self, state: PolicyState, layer_idx: int, ctx: LayerContext) -> torch.Tensor:
+        """Importance of every slot of ctx.view: [B, H, L], higher = keep. Empty slots are ignored."""
+        raise NotImplementedError(f"{type(self).__name__} defines no score()")
+
+
+class PolicyState:
+    """The mutable half of a policy, one per cache: what it observed, and the hooks the cache calls.
+
+    Side channels it accumulates into live under `channel_prefix` in the cache's stores, so several states
+    (an ObserverSet's members) never share one. `copy()` gives an independent state with the same observations.
+    """
+
+    # attributes a copy shares with the original instead of copying (read-only after start: gates, tokenizer)
+    shared: ClassVar[tuple[str, ...]] = ("policy", "geometry", "tokenizer")
+
+    def __init__(self, policy: Policy, geometry: Geometry, tokenizer=None):
+        self.policy, self.geometry = policy, geometry
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
+        self.channel_prefix = ""
+        self.queries: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.warned_protected = False
+
+    # ------------------------------------------------------------------ what the cache asks
+    @property
+    def compression_ratio(self) -> float:
+        """The ratio this cache is sized by (a trained-gate policy takes its gates' own when given none)."""
+        return self.policy.compression_ratio
+
+    @property
+    def budget(self) -> int | None:
+        return self.policy.budget
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget is not None or self.compression_ratio > 0
+
+    @property
+    def observes(self) -> bool:
+        """Whether the cache must call `observe` (by default only when something will be evicted)."""
+        return self.evicts
+
+    def describe(self) -> str:
+        return self.policy.describe()
+
+    def copy(self) -> PolicyState:
+        """An independent state with the same observations (gates and tokenizer shared)."""
+        memo = {id(getattr(self, name)): getattr(self, name) for name in self.shared if hasattr(self, name)}
+        return copy.deepcopy(self, memo)
+
+    def resized(self, policy: Policy) -> PolicyState:
+        """A copy serving `policy`, which observes the same things as this state's policy but may size them
+        differently (same observation key): one observed prefill, evicted several ways."""
+        if policy.observation_key() != self.policy.observation_key():
+            raise ValueError(f"cannot size what {self.policy.describe()} observed with {policy.describe()}")
+        twin = self.copy()
+        twin.policy = policy
+        twin.channel_prefix = ""
+        return twin
+
+    # ------------------------------------------------------------------ hooks (all optional)
     def wants_layer_input(self) -> bool:
         return False
 
+    def on_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, forward: ForwardContext) -> None:
+        """The hidden states entering a layer's attention module (before q/k/v). Gates score tokens here."""
+
+    def initial_stats(self, layer_idx: int, forward: ForwardContext) -> dict | None:
+        """Side-channel values for a layer's new tokens, {name: [B, H, T]}, stored with the rows."""
+        return None
+
     def observe(self, layer_idx: int, ctx: LayerContext) -> None:
         """Called in every attention call (not while the cache is frozen). Default: buffer recent queries."""
-        if self.query_window:
+        if self.policy.query_window:
             self._buffer_queries(layer_idx, ctx)
 
     def key_visibility(self, layer_idx: int, ctx: LayerContext) -> torch.Tensor | None:
         """Optional [B, H, L] bool: keys hidden from later queries in this very forward (in-context eviction)."""
         return None
 
-    def score(self, layer_idx: int, ctx: LayerContext) -> torch.Tensor:
-        """Importance of every slot of ctx.view: [B, H, L], higher = keep. Empty slots are ignored."""
-        raise NotImplementedError
-
-    def prepare_eviction(self) -> None:
+    def prepare_eviction(self, eviction: EvictionContext) -> None:
         """Called when an eviction is due, before any layer is scored (KVzip runs its scoring passes here)."""
+
+    def score(self, layer_idx: int, ctx: LayerContext) -> torch.Tensor:
+        return self.policy.score(self, layer_idx, ctx)
 
     def protected_prefix(self) -> int:
         """Tokens at the start of each sequence that are never evicted."""
-        return self.sink_tokens
+        return self.policy.sink_tokens
 
-    def after_eviction(self) -> None:
-        """Called after the cache compacted (policies with per-token state outside the cache update it here)."""
+    def recent_window(self, target: int, eviction: EvictionContext) -> int:
+        """Most recent tokens protected when keeping `target` tokens per head."""
+        return self.policy.window
 
     # ------------------------------------------------------------------ recent queries
     def _buffer_queries(self, layer_idx: int, ctx: LayerContext) -> None:
         """Keep the last `query_window` queries of the layer (chunks, joined lazily at scoring time)."""
-        w = self.query_window
-        chunks = self._queries.setdefault(layer_idx, [])
+        w = self.policy.query_window
+        chunks = self.queries.setdefault(layer_idx, [])
         # clone: a slice would keep the whole prompt's query tensor alive
         chunks.append((ctx.queries[..., -w:, :].detach().clone(), ctx.query_positions[-w:].clone(),
                        ctx.query_valid[:, -w:].clone()))
@@ -230,13 +263,13 @@ class Policy:
 
     def recent_queries(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The buffered queries [B, H, G, w, d], their positions [w] and validity [B, w]."""
-        chunks = self._queries[layer_idx]
+        chunks = self.queries[layer_idx]
         if len(chunks) > 1:
-            w = self.query_window
+            w = self.policy.query_window
             joined = (torch.cat([c[0] for c in chunks], dim=-2)[..., -w:, :], torch.cat([c[1] for c in chunks])[-w:],
                       torch.cat([c[2] for c in chunks], dim=1)[:, -w:])
-            self._queries[layer_idx] = [joined]
-        return self._queries[layer_idx][0]
+            self.queries[layer_idx] = [joined]
+        return self.queries[layer_idx][0]
 
     def recent_attention(self, layer_idx: int, ctx: LayerContext, scale: float | torch.Tensor | None = None
                          ) -> torch.Tensor:
@@ -257,38 +290,37 @@ class Policy:
         # rounded first so float noise cannot add a token: (1 - 0.97) * 100 is 3.0000000000000027
         return torch.ceil(torch.round(keep * 1e9) / 1e9).long()
 
-    def recent_window(self, target: int) -> int:
-        """Most recent tokens protected when keeping `target` tokens per head."""
-        return self.window
-
-    def select(
-        self,
-        scores: dict[int, torch.Tensor],
-        positions: dict[int, torch.Tensor],
-        row_start: torch.Tensor,
-        tokens_seen: torch.Tensor,
-        last_position: int,
-    ) -> dict[int, torch.Tensor]:
+    def select(self, scores: dict[int, torch.Tensor], positions: dict[int, torch.Tensor],
+               eviction: EvictionContext) -> dict[int, torch.Tensor]:
         """Keep masks per layer [B, H, L] from scores [B, H, L] and positions [B, H, L] (-1 = empty slot)."""
-        targets = self.target_tokens(tokens_seen)  # [B]
+        policy = self.policy
+        targets = self.target_tokens(eviction.tokens_seen)  # [B]
+        last_position = eviction.seen - 1
         ranked = {}
         for layer, score in scores.items():
             pos = positions[layer].long()
             valid = pos >= 0
             score = score.float().masked_fill(~valid, float("-inf"))
-            window = torch.tensor([self.recent_window(int(t)) for t in targets], device=pos.device)
+            window = torch.tensor([self.recent_window(int(t), eviction) for t in targets], device=pos.device)
             protected = valid & (
-                (pos < (row_start.view(-1, 1, 1) + self.protected_prefix()))
+                (pos < (eviction.row_start.view(-1, 1, 1) + self.protected_prefix()))
                 | (pos > last_position - window.view(-1, 1, 1))
             )
             ranked[layer] = torch.where(protected, torch.full_like(score, float("inf")), score)
 
-        if self.allocation == "uniform":
+        keep = self._allocate(ranked, targets)
+        self._warn_if_protected_exceed(keep, targets, eviction)
+        return keep
+
+    def _allocate(self, ranked: dict[int, torch.Tensor], targets: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Keep masks from ranked scores (+inf = protected) and per-row targets, by the policy's allocation."""
+        policy = self.policy
+        if policy.allocation == "uniform":
             return {layer: top_k_mask(s, targets.view(-1, 1)) for layer, s in ranked.items()}
-        floor = self.head_floor if self.head_floor is not None else (0.2 if self.allocation == "head" else 0.0)
+        floor = policy.head_floor if policy.head_floor is not None else (0.2 if policy.allocation == "head" else 0.0)
         floors = torch.floor(floor * targets.double()).long()
         lifted = {layer: _lift_top(s, floors) for layer, s in ranked.items()}
-        if self.allocation == "head":
+        if policy.allocation == "head":
             keep = {}
             for layer, s in lifted.items():
                 B, H, L = s.shape
@@ -307,10 +339,25 @@ class Policy:
             offset += size
         return keep
 
-    def describe(self) -> str:
-        size = f"budget={self.budget}" if self.budget is not None else f"ratio={self.compression_ratio:g}"
-        return f"{self.name}({size}, {self.allocation})"
+    def _warn_if_protected_exceed(self, keep: dict[int, torch.Tensor], targets: torch.Tensor,
+                                  eviction: EvictionContext) -> None:
+        """Once per cache: say so when protected tokens lifted the kept count past the target."""
+        if self.warned_protected or not keep:
+            return
+        kept = torch.stack([m.sum(-1) for m in keep.values()]).float().mean(dim=(0, 2))  # [B]
+        if bool((kept > targets.float()).any()):  # only protected tokens can lift a head past its target
+            self.warned_protected = True
+            warnings.warn(
+                f"{self.describe()}: protected tokens (sink_tokens={self.protected_prefix()}, "
+                f"window={self.policy.window}) exceed the target on this short input and are all kept: "
+                f"{[round(k, 1) for k in kept.tolist()]} tokens per head on average instead of the target "
+                f"{targets.tolist()}, of {eviction.tokens_seen.tolist()} tokens seen (per batch row; warned once "
+                "per cache)",
+                stacklevel=2,
+            )
 
+
+Policy.State = PolicyState
 
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Mask of the k[b, h] highest scores along the last dim, never a -inf one and always every +inf one
@@ -334,10 +381,6 @@ def _lift_top(scores: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
     return torch.where(floor_mask, scores + 1e30, scores).masked_fill(scores == float("inf"), float("inf"))
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def pool1d(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     """1-D average pooling over the last dim with 'same' padding (odd kernels), as SnapKV smooths its scores."""
     if kernel <= 1:
@@ -350,61 +393,67 @@ def pool1d(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     return pooled.view(shape)
 
 
-def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or (isinstance(value, float) and math.isnan(value)):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
+@dataclass(frozen=True)
 class ObserverSet(Policy):
-    """Runs the observations of several policies in one forward and evicts nothing.
+    """Observes a forward for several policies at once and evicts nothing.
 
     `EvictingCache.fork(policy)` then sizes the observed prefill for any member-like policy, so a sweep over
-    policies and ratios prefills each context once.
+    policies and ratios prefills each context once. Each member keeps its own state and its own side channels.
     """
 
+    members: tuple[Policy, ...] = ()
     name = "observer-set"
 
-    def __init__(self, policies: list[Policy]):
-        super().__init__()
-        self.members: dict[tuple, Policy] = {}
+    def __init__(self, policies):
+        unique = {}
         for policy in policies:
-            self.members.setdefault(policy.observation_key(), policy)
+            unique.setdefault(policy.observation_key(), policy)
+        object.__setattr__(self, "members", tuple(unique.values()))
+        super().__init__()
+
+    def start(self, geometry, tokenizer=None) -> ObserverSetState:
+        return ObserverSetState(self, geometry, tokenizer)
+
+
+class ObserverSetState(PolicyState):
+    def __init__(self, policy: ObserverSet, geometry, tokenizer=None):
+        super().__init__(policy, geometry, tokenizer)
+        self.members: dict[tuple, PolicyState] = {}
+        for number, member in enumerate(policy.members):
+            state = member.start(geometry, tokenizer)
+            state.channel_prefix = f"member{number}/"
+            self.members[member.observation_key()] = state
 
     @property
     def observes(self) -> bool:
         return True
 
-    def bind(self, cache) -> None:
-        super().bind(cache)
-        for member in self.members.values():
-            member._cache_ref = None
-            member.bind(cache)
+    @property
+    def evicts(self) -> bool:
+        return False
 
-    def set_tokenizer(self, tokenizer) -> None:
-        for member in self.members.values():
-            member.set_tokenizer(tokenizer)
-
-    def wants_layer_input(self) -> bool:
-        return any(m.wants_layer_input() for m in self.members.values())
-
-    def on_layer_input(self, layer_idx, hidden_states) -> None:
-        for member in self.members.values():
-            if member.wants_layer_input():
-                member.on_layer_input(layer_idx, hidden_states)
-
-    def initial_stats(self, layer_idx, input_ids, positions):
-        merged = {}
-        for member in self.members.values():
-            merged.update(member.initial_stats(layer_idx, input_ids, positions) or {})
-        return merged or None
-
-    def observe(self, layer_idx, ctx) -> None:
-        for member in self.members.values():  # members observe whatever their own sizing (it is decided later)
-            member.observe(layer_idx, ctx)
-
-    def member_like(self, policy: Policy) -> Policy:
+    def member_like(self, policy: Policy) -> PolicyState:
+        """The member state that observed for `policy` (same observation key)."""
         key = policy.observation_key()
         if key not in self.members:
             raise ValueError(f"{policy.describe()} was not among the observed policies")
         return self.members[key]
+
+    def wants_layer_input(self) -> bool:
+        return any(m.wants_layer_input() for m in self.members.values())
+
+    def on_layer_input(self, layer_idx, hidden_states, forward) -> None:
+        for member in self.members.values():
+            if member.wants_layer_input():
+                member.on_layer_input(layer_idx, hidden_states, forward)
+
+    def initial_stats(self, layer_idx, forward):
+        merged = {}
+        for member in self.members.values():
+            stats = member.initial_stats(layer_idx, forward) or {}
+            merged.update({member.channel_prefix + name: value for name, value in stats.items()})
+        return merged or None
+
+    def observe(self, layer_idx, ctx) -> None:
+        for member in self.members.values():  # members observe whatever their own sizing (it is decided later)
+            member.observe(layer_idx, ctx.within(member.channel_prefix))

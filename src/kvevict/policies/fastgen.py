@@ -38,12 +38,13 @@ Choices where the paper is silent (all parameters or documented here):
   per head, which is also the free room each head gets after an eviction), and the cost of compaction (one
   copy of the layer's kept rows) is paid once per 32 steps instead of every step. decode_interval=1 gives the
   paper's per-step behaviour (benchmarks/fastgen_profile.py times both against the full cache).
-- Compression is an outcome: `achieved_ratio()` is the fraction of (evictable layer, KV head, token) entries
-  removed, from the cache's kept counts vs the real tokens seen. With `compression_ratio` > 0 the threshold T
-  is searched instead of taken from `recovery`: bisection over the per-head recovery values found by profiling
-  (no re-run) for the largest T whose ratio at the end of the prompt is >= the target. The ratio is a step
-  function of T (one head changing its choice per step), so the achieved ratio exceeds the target by less than
-  one head's step.
+- Compression is an outcome: `kvevict.profiling.achieved_ratio(cache)` is the fraction of (evictable layer,
+  KV head, token) entries removed, from the cache's kept counts vs the real tokens seen. With
+  `compression_ratio` > 0 the threshold T is searched instead of taken from `recovery`: bisection over the
+  per-head recovery values found by profiling (no re-run) for the largest T whose ratio at the end of the prompt
+  is >= the target. The ratio is a step function of T (one head changing its choice per step), so the achieved
+  ratio exceeds the target by less than one head's step.
+- Reports (the per-head table and heat map of `kvevict profile --policy fastgen`) live in kvevict.profiling.
 """
 
 from __future__ import annotations
@@ -54,14 +55,12 @@ import unicodedata
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..attention import accumulated_attention
-from ..compat import cache_kwargs
-from .base import Policy, top_k_mask
+from ..attention import accumulated_attention, attention_probs
+from .base import Policy, PolicyState, top_k_mask
 
 CANDIDATES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
 SHORT_NAMES = ("S", "S+P", "S+P+F", "S+P+F+L", "full")
@@ -157,24 +156,12 @@ def head_keep_mask(
     return keep & valid
 
 
-def group_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    scaling: float,
-    query_valid: torch.Tensor,
-) -> torch.Tensor:
+def group_attention(queries, keys, query_positions, key_positions, scaling, query_valid) -> torch.Tensor:
     """Causal attention of queries [B, H, G, t, d] over keys [B, H, L, d], mean over the G query heads of each
     KV head: [B, H, t, L] fp32 (rows of padding queries are 0). Positions as in `attention.allowed_keys`."""
-    B, H, G, t, d = queries.shape
-    L = keys.shape[2]
-    logits = torch.matmul(queries.reshape(B, H, G * t, d).float(), keys.float().transpose(-1, -2)).view(B, H, G, t, L)
-    key_pos = key_positions.unsqueeze(2)
-    hidden = (key_pos > query_positions.view(1, 1, t, 1)) | (key_pos < 0)  # [B, H, t, L]
-    logits.mul_(scaling).masked_fill_(hidden.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).mean(2)
-    return torch.where(query_valid.view(B, 1, t, 1), probs, 0.0)  # padding rows (all keys hidden) are NaN
+    B, t = query_valid.shape
+    probs = attention_probs(queries, keys, query_positions, key_positions, scaling).mean(2)
+    return torch.where(query_valid.view(B, 1, t, 1), probs, 0.0)
 
 
 def choose(recovery: torch.Tensor, threshold) -> torch.Tensor:
@@ -209,13 +196,21 @@ def profile_heads(
     B, H, w, L = probs.shape
     local_window = torch.ceil(local_ratio * prompt_len.double()).long()
     mass = torch.zeros(B, H, 5, dtype=torch.float64, device=probs.device)
-    for start in range(0, w, _ROW_BLOCK):
-        stop = min(w, start + _ROW_BLOCK)
-        mass += recovered_mass(probs[:, :, start:stop], query_positions[:, start:stop], key_kinds, key_positions,
-                               cumulative, local_window, frequent_ratio, sink_tokens, window)
+    add_recovered_mass(mass, probs, query_positions, key_kinds, key_positions, cumulative, local_window,
+                       frequent_ratio, sink_tokens, window)
     rows = (query_positions >= 0).sum(-1).clamp(min=1).view(B, 1, 1)
     recovered = (mass / rows).float()
     return choose(recovered, recovery), recovered
+
+
+def add_recovered_mass(mass, probs, query_positions, key_kinds, key_positions, cumulative, local_window,
+                       frequent_ratio: float, sink_tokens: int, window: int) -> None:
+    """Add the `recovered_mass` of every row of probs [B, H, t, L] to mass [B, H, 5], _ROW_BLOCK rows at a time
+    (bounds the per-row intermediates on long prompts)."""
+    for start in range(0, probs.shape[2], _ROW_BLOCK):
+        rows = slice(start, start + _ROW_BLOCK)
+        mass += recovered_mass(probs[:, :, rows], query_positions[:, rows], key_kinds, key_positions, cumulative,
+                               local_window, frequent_ratio, sink_tokens, window)
 
 
 def recovered_mass(
@@ -293,7 +288,7 @@ def search_threshold(recovery: torch.Tensor, kept: torch.Tensor, total: float, t
 
 # ---------------------------------------------------------------------------------------- the policy
 @dataclass
-class _LayerProfile:
+class LayerProfile:
     recovery: torch.Tensor  # [B, H, 5]
     kept: torch.Tensor  # [B, H, 5] tokens each candidate keeps at the end of the prompt
     local_window: torch.Tensor  # [B] tokens
@@ -301,7 +296,190 @@ class _LayerProfile:
     rows: int  # query rows profiled (fewest over the batch)
 
 
-@dataclass
+class FastGenState(PolicyState):
+    """One cache's profiles, the choices made from them, and the token-kind look-up of its tokenizer."""
+
+    def __init__(self, policy: FastGenPolicy, geometry, tokenizer=None):
+        super().__init__(policy, geometry, tokenizer)
+        self.profiles: dict[int, LayerProfile] = {}
+        self.choices: dict[int, torch.Tensor] | None = None  # made lazily from the profiles, with T
+        self.thresholds: torch.Tensor | None = None  # [B] the T each row's choices were made with
+        self.kind_table: torch.Tensor | None = None  # kind of every vocabulary id, on the ids' device
+        self.last_ids: torch.Tensor | None = None  # the forward's ids and their kinds, shared by its layers
+        self.last_kinds: torch.Tensor | None = None
+        self.profile_seconds = 0.0
+
+    @property
+    def evicts(self) -> bool:
+        return True  # sized by recovery, not by a ratio: every head applies its rule
+
+    def resized(self, policy: FastGenPolicy) -> FastGenState:
+        twin = super().resized(policy)
+        twin.choices = twin.thresholds = None  # re-chosen with the new policy's T or target ratio
+        if policy.tokenizer is not None and policy.tokenizer is not self.tokenizer:
+            twin.tokenizer, twin.kind_table, twin.last_ids = policy.tokenizer, None, None
+        return twin
+
+    # ------------------------------------------------------------------ token ids
+    def initial_stats(self, layer_idx, forward):
+        input_ids = forward.input_ids
+        if input_ids is None:
+            raise ValueError("fastgen reads token ids: call the model with input_ids (not inputs_embeds)")
+        if input_ids is not self.last_ids:  # one look-up per forward, shared by the layers
+            if self.kind_table is None:
+                if self.tokenizer is None:
+                    raise ValueError("fastgen needs the tokenizer to find special and punctuation tokens: pass "
+                                     "tokenizer= to make_policy or EvictingCache (kvevict.generate/answer pass "
+                                     "theirs)")
+                self.kind_table = token_kinds(self.tokenizer).to(input_ids.device)
+            table = self.kind_table
+            known = input_ids < table.numel()  # ids past the tokenizer's vocabulary (padded embeddings): other
+            self.last_kinds = torch.where(known, table[input_ids.clamp(max=table.numel() - 1)], 0).float()
+            self.last_ids = input_ids
+        return {KIND_STAT: self.last_kinds.unsqueeze(1).expand(-1, self.geometry.kv_heads, -1)}
+
+    # ------------------------------------------------------------------ observation
+    def observe(self, layer_idx, ctx):
+        if layer_idx not in self.profiles and ctx.queries.shape[-2] > 1:
+            self._profile_layer(layer_idx, ctx)
+        elif self._tracks_attention(layer_idx):
+            group = ctx.queries.shape[2]
+            acc = accumulated_attention(ctx.queries, ctx.view.keys, ctx.query_positions, ctx.view.positions,
+                                        ctx.scaling, ctx.query_valid, ctx.sliding_window)
+            ctx.add_stat(SCORE_STAT, acc / group)
+
+    def _tracks_attention(self, layer_idx: int) -> bool:
+        """Cumulative attention is needed before profiling and, after it, for layers with a frequent head."""
+        if layer_idx not in self.profiles:
+            return True
+        choice = self._resolve()[layer_idx]
+        return bool(((choice >= 2) & (choice <= 3)).any())
+
+    def _profile_layer(self, layer_idx, ctx) -> None:
+        """Read the prompt's attention block by block: cumulative scores and each candidate's recovery."""
+        policy = self.policy
+        started = time.perf_counter()
+        queries, keys, key_positions = ctx.queries, ctx.view.keys, ctx.view.positions
+        B, H, G, T, _ = queries.shape
+        L = keys.shape[2]
+        read = T if policy.profile_window is None else min(T, policy.profile_window)
+        # rows of group-reduced attention kept until the cumulative scores are final (fp32, one layer at a time)
+        fit = int(policy.profile_memory_mb * 2**20) // max(1, B * H * L * 4)
+        profiled = max(1, min(read, fit))
+        first_read, first_profiled = T - read, T - profiled
+        block = max(16, min(512, 2**24 // max(1, B * H * G * L)))  # about 64 MiB of logits per block
+        totals = torch.zeros(B, H, L, dtype=torch.float32, device=keys.device)
+        kept_blocks = []
+        for start in range(first_read, T, block):
+            stop = min(T, start + block)
+            # keys past the block's last query are invisible to it: only the visible prefix of slots is read
+            seen = ((key_positions >= 0) & (key_positions <= ctx.query_positions[stop - 1])).flatten(0, 1).any(0)
+            width = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
+            probs = group_attention(queries[..., start:stop, :], keys[:, :, :width], ctx.query_positions[start:stop],
+                                    key_positions[..., :width], ctx.scaling, ctx.query_valid[:, start:stop])
+            totals[..., :width] += probs.sum(2)
+            if stop > first_profiled:
+                low = max(start, first_profiled)
+                kept_blocks.append((low, stop, probs[:, :, low - start:]))
+        ctx.add_stat(SCORE_STAT, totals)
+        del totals
+        cumulative, kinds, rel_keys = ctx.stat(SCORE_STAT), ctx.stat(KIND_STAT), ctx.relative_positions()
+        row_start = ctx.row_start.clamp(min=0)
+        prompt_len = ctx.tokens_seen + ctx.query_valid.sum(1)
+        local_window = torch.ceil(policy.local_ratio * prompt_len.double()).long()
+        mass = torch.zeros(B, H, 5, dtype=torch.float64, device=keys.device)
+        while kept_blocks:
+            low, stop, probs = kept_blocks.pop(0)
+            width = probs.shape[-1]
+            rel_queries = torch.where(ctx.query_valid[:, low:stop],
+                                      ctx.query_positions[low:stop].view(1, -1) - row_start.view(-1, 1), -1)
+            add_recovered_mass(mass, probs, rel_queries, kinds[..., :width], rel_keys[..., :width],
+                               cumulative[..., :width], local_window, policy.frequent_ratio, self.protected_prefix(),
+                               policy.window)
+            del probs
+        rows = ctx.query_valid[:, first_profiled:].sum(-1).clamp(min=1).view(B, 1, 1)
+        recovery = (mass / rows).float()
+        last = ctx.query_positions[-1] - row_start
+        kept = torch.stack([
+            self._keep(torch.full((B, H), c, dtype=torch.long, device=keys.device), kinds, cumulative, rel_keys,
+                       last, prompt_len, local_window).sum(-1)
+            for c in range(len(CANDIDATES))
+        ], dim=-1)
+        self.profiles[layer_idx] = LayerProfile(recovery.cpu(), kept.cpu(), local_window, prompt_len,
+                                                int(ctx.query_valid[:, first_profiled:].sum(-1).min()))
+        self.choices = None
+        self.profile_seconds += time.perf_counter() - started
+
+    def _keep(self, choice, kinds, cumulative, positions, last, current_len, local_window) -> torch.Tensor:
+        return head_keep_mask(choice, kinds, cumulative, positions, last, current_len, local_window,
+                              self.policy.frequent_ratio, self.protected_prefix(), self.policy.window)
+
+    # ------------------------------------------------------------------ choices
+    def _resolve(self) -> dict[int, torch.Tensor]:
+        """Each profiled layer's choice [B, H], with T fixed or searched for the target ratio."""
+        if self.choices is not None:
+            return self.choices
+        policy = self.policy
+        layers = sorted(self.profiles)
+        recovery = torch.stack([self.profiles[layer].recovery for layer in layers])  # [N, B, H, 5]
+        kept = torch.stack([self.profiles[layer].kept for layer in layers])
+        B, H = recovery.shape[1:3]
+        thresholds = torch.full((B,), float(policy.recovery))
+        if policy.compression_ratio:
+            prompt_len = self.profiles[layers[0]].prompt_len.cpu()
+            for b in range(B):  # one search per sequence: each has its own profile
+                total = float(prompt_len[b]) * len(layers) * H
+                per_head = (recovery[:, b].reshape(-1, 5), kept[:, b].reshape(-1, 5).double())
+                thresholds[b], _ = search_threshold(*per_head, total, float(policy.compression_ratio))
+        choices = choose(recovery, thresholds.view(1, B, 1, 1)).long()
+        self.thresholds = thresholds
+        self.choices = {layer: choices[i] for i, layer in enumerate(layers)}
+        return self.choices
+
+    # ------------------------------------------------------------------ eviction
+    def score(self, layer_idx, ctx):
+        """1 where the head's own policy keeps the token, 0 where it drops it (all 1 before profiling)."""
+        if layer_idx not in self.profiles:
+            return torch.ones(ctx.view.positions.shape, device=ctx.view.positions.device)
+        choice = self._resolve()[layer_idx].to(ctx.view.positions.device)
+        last = (ctx.seen - 1) - ctx.row_start.clamp(min=0)
+        keep = self._keep(choice, ctx.stat(KIND_STAT), ctx.stat(SCORE_STAT), ctx.relative_positions(), last,
+                          ctx.tokens_seen, self.profiles[layer_idx].local_window)
+        return keep.float()
+
+    def select(self, scores, positions, eviction):
+        return {layer: (score > 0.5) & (positions[layer] >= 0) for layer, score in scores.items()}
+
+    # ------------------------------------------------------------------ reporting
+    def head_choices(self) -> dict[int, torch.Tensor]:
+        """Chosen candidate per profiled layer: {layer: LongTensor [B, H]} (index into CANDIDATES)."""
+        return {layer: c.clone() for layer, c in self._resolve().items()}
+
+    def head_recovery(self) -> dict[int, torch.Tensor]:
+        """Recovery of every candidate on the profiled rows: {layer: [B, H, 5]}."""
+        return {layer: p.recovery.clone() for layer, p in self.profiles.items()}
+
+    def candidate_kept(self) -> dict[int, torch.Tensor]:
+        """Tokens each candidate keeps at the end of the prompt: {layer: LongTensor [B, H, 5]}."""
+        return {layer: p.kept.clone() for layer, p in self.profiles.items()}
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """The T used per sequence ([B]): `recovery`, or the one searched for `compression_ratio`."""
+        self._resolve()
+        return self.thresholds.clone()
+
+    def profile_ratio(self) -> torch.Tensor:
+        """Fraction of the prompt's (evictable layer, KV head, token) entries the chosen policies drop: [B]."""
+        choices = self._resolve()
+        kept = sum(p.kept.gather(-1, choices[layer].unsqueeze(-1)).sum((1, 2)).double()
+                   for layer, p in self.profiles.items())
+        first = next(iter(self.profiles.values()))
+        total = first.prompt_len.cpu().double() * len(self.profiles) * first.kept.shape[1]
+        return 1.0 - kept / total
+
+
+@dataclass(frozen=True)
 class FastGenPolicy(Policy):
     """Per-head hybrid policies chosen by profiling the prompt's attention.
 
@@ -310,7 +488,7 @@ class FastGenPolicy(Policy):
     fraction of the current length. sink_tokens: first tokens kept by every policy. profile_window: last prompt
     query rows read (None = all). profile_memory_mb: cap on the attention rows held for profiling (one layer).
     compression_ratio: if > 0, a target ratio; T is searched to reach it.
-    tokenizer: to find special/punctuation tokens (kvevict.generate/answer pass theirs).
+    tokenizer: to find special/punctuation tokens (kvevict.generate/answer give the cache theirs).
     """
 
     recovery: float = 0.95
@@ -323,9 +501,7 @@ class FastGenPolicy(Policy):
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
     name = "fastgen"
-    needs_tokenizer = True
-    needs_attention = True
-    observed_state = ("_profiles", "profile_seconds")
+    State = FastGenState
     # T and the tokenizer do not change what is observed (token kinds are stored with the rows)
     SIZING_PARAMS: ClassVar[frozenset[str]] = Policy.SIZING_PARAMS | {"recovery", "tokenizer"}
     OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"profile_window"}
@@ -347,361 +523,7 @@ class FastGenPolicy(Policy):
     def evicts(self) -> bool:
         return True
 
-    def bind(self, cache) -> None:
-        super().bind(cache)
-        self._profiles: dict[int, _LayerProfile] = {}
-        self._choices: dict[int, torch.Tensor] | None = None
-        self._threshold: torch.Tensor | None = None
-        self._kinds: torch.Tensor | None = None
-        self._last_ids: torch.Tensor | None = None
-        self._last_kinds: torch.Tensor | None = None
-        self.profile_seconds = 0.0
-
     def describe(self) -> str:
         if self.compression_ratio:
             return f"fastgen(target ratio={self.compression_ratio:g})"
         return f"fastgen(T={self.recovery:g})"
-
-    def copy_observations(self, source: Policy) -> None:
-        super().copy_observations(source)
-        self._choices = None  # re-chosen with this policy's own T
-        if self.tokenizer is None:  # new tokens need kinds too: take the observer's tokenizer
-            self.set_tokenizer(source.tokenizer)
-
-    # ------------------------------------------------------------------ token ids
-    def set_tokenizer(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._kinds = None
-
-    def initial_stats(self, layer_idx, input_ids, positions):
-        if input_ids is None:
-            raise ValueError("fastgen reads token ids: call the model with input_ids (not inputs_embeds)")
-        if input_ids is not self._last_ids:  # one look-up per forward, shared by the layers
-            if self._kinds is None:
-                if self.tokenizer is None:
-                    raise ValueError("fastgen needs the tokenizer to find special and punctuation tokens: pass "
-                                     "tokenizer= to make_policy (kvevict.generate/answer pass it themselves)")
-                self._kinds = token_kinds(self.tokenizer).to(input_ids.device)
-            table = self._kinds
-            known = input_ids < table.numel()  # ids past the tokenizer's vocabulary (padded embeddings): other
-            self._last_kinds = torch.where(known, table[input_ids.clamp(max=table.numel() - 1)], 0).float()
-            self._last_ids = input_ids
-        heads = self._cache.layers[layer_idx].store.heads
-        return {KIND_STAT: self._last_kinds.unsqueeze(1).expand(-1, heads, -1)}
-
-    # ------------------------------------------------------------------ observation
-    def observe(self, layer_idx, ctx):
-        if layer_idx not in self._profiles and ctx.queries.shape[-2] > 1:
-            self._profile_layer(layer_idx, ctx)
-        elif self._tracks_attention(layer_idx):
-            group = ctx.queries.shape[2]
-            acc = accumulated_attention(ctx.queries, ctx.view.keys, ctx.query_positions, ctx.view.positions,
-                                        ctx.scaling, ctx.query_valid, ctx.sliding_window)
-            ctx.add_stat(SCORE_STAT, acc / group)
-
-    def _tracks_attention(self, layer_idx: int) -> bool:
-        """Cumulative attention is needed before profiling and, after it, for layers with a frequent head."""
-        if layer_idx not in self._profiles:
-            return True
-        choice = self._resolve()[layer_idx]
-        return bool(((choice >= 2) & (choice <= 3)).any())
-
-    def _profile_layer(self, layer_idx, ctx) -> None:
-        """Read the prompt's attention block by block: cumulative scores and each candidate's recovery."""
-        started = time.perf_counter()
-        queries, keys, key_positions = ctx.queries, ctx.view.keys, ctx.view.positions
-        B, H, G, T, _ = queries.shape
-        L = keys.shape[2]
-        read = T if self.profile_window is None else min(T, self.profile_window)
-        # rows of group-reduced attention kept until the cumulative scores are final (fp32, one layer at a time)
-        fit = int(self.profile_memory_mb * 2**20) // max(1, B * H * L * 4)
-        profiled = max(1, min(read, fit))
-        first_read, first_profiled = T - read, T - profiled
-        block = max(16, min(512, 2**24 // max(1, B * H * G * L)))  # about 64 MiB of logits per block
-        totals = torch.zeros(B, H, L, dtype=torch.float32, device=keys.device)
-        kept_blocks = []
-        for start in range(first_read, T, block):
-            stop = min(T, start + block)
-            # keys past the block's last query are invisible to it: only the visible prefix of slots is read
-            seen = ((key_positions >= 0) & (key_positions <= ctx.query_positions[stop - 1])).flatten(0, 1).any(0)
-            width = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
-            probs = group_attention(queries[..., start:stop, :], keys[:, :, :width], ctx.query_positions[start:stop],
-                                    key_positions[..., :width], ctx.scaling, ctx.query_valid[:, start:stop])
-            totals[..., :width] += probs.sum(2)
-            if stop > first_profiled:
-                low = max(start, first_profiled)
-                kept_blocks.append((low, stop, probs[:, :, low - start:]))
-        ctx.add_stat(SCORE_STAT, totals)
-        del totals
-        cumulative, kinds, rel_keys = ctx.stat(SCORE_STAT), ctx.stat(KIND_STAT), ctx.relative_positions()
-        row_start = ctx.row_start.clamp(min=0)
-        prompt_len = self._cache.tokens_seen + ctx.query_valid.sum(1)
-        local_window = torch.ceil(self.local_ratio * prompt_len.double()).long()
-        mass = torch.zeros(B, H, 5, dtype=torch.float64, device=keys.device)
-        while kept_blocks:
-            low, stop, probs = kept_blocks.pop(0)
-            width = probs.shape[-1]
-            rel_queries = torch.where(ctx.query_valid[:, low:stop],
-                                      ctx.query_positions[low:stop].view(1, -1) - row_start.view(-1, 1), -1)
-            for sub in range(0, stop - low, _ROW_BLOCK):
-                mass += recovered_mass(
-                    probs[:, :, sub:sub + _ROW_BLOCK], rel_queries[:, sub:sub + _ROW_BLOCK], kinds[..., :width],
-                    rel_keys[..., :width], cumulative[..., :width], local_window, self.frequent_ratio,
-                    self.protected_prefix(), self.window,
-                )
-            del probs
-        rows = ctx.query_valid[:, first_profiled:].sum(-1).clamp(min=1).view(B, 1, 1)
-        recovery = (mass / rows).float()
-        last = ctx.query_positions[-1] - row_start
-        kept = torch.stack([
-            self._keep(torch.full((B, H), c, dtype=torch.long, device=keys.device), kinds, cumulative, rel_keys,
-                       last, prompt_len, local_window).sum(-1)
-            for c in range(len(CANDIDATES))
-        ], dim=-1)
-        self._profiles[layer_idx] = _LayerProfile(recovery.cpu(), kept.cpu(), local_window, prompt_len,
-                                                  int(ctx.query_valid[:, first_profiled:].sum(-1).min()))
-        self._choices = None
-        self.profile_seconds += time.perf_counter() - started
-
-    def _keep(self, choice, kinds, cumulative, positions, last, current_len, local_window) -> torch.Tensor:
-        return head_keep_mask(choice, kinds, cumulative, positions, last, current_len, local_window,
-                              self.frequent_ratio, self.protected_prefix(), self.window)
-
-    # ------------------------------------------------------------------ choices
-    def _resolve(self) -> dict[int, torch.Tensor]:
-        """Each profiled layer's choice [B, H], with T fixed or searched for the target ratio."""
-        if self._choices is not None:
-            return self._choices
-        layers = sorted(self._profiles)
-        recovery = torch.stack([self._profiles[layer].recovery for layer in layers])  # [N, B, H, 5]
-        kept = torch.stack([self._profiles[layer].kept for layer in layers])
-        B, H = recovery.shape[1:3]
-        thresholds = torch.full((B,), float(self.recovery))
-        if self.compression_ratio:
-            prompt_len = self._profiles[layers[0]].prompt_len.cpu()
-            for b in range(B):  # one search per sequence: each has its own profile
-                total = float(prompt_len[b]) * len(layers) * H
-                per_head = (recovery[:, b].reshape(-1, 5), kept[:, b].reshape(-1, 5).double())
-                thresholds[b], _ = search_threshold(*per_head, total, float(self.compression_ratio))
-        choices = choose(recovery, thresholds.view(1, B, 1, 1)).long()
-        self._threshold = thresholds
-        self._choices = {layer: choices[i] for i, layer in enumerate(layers)}
-        return self._choices
-
-    def target_tokens(self, tokens_seen):
-        # No budget: each head keeps what its rule keeps (at most everything), so nothing exceeds a target.
-        return tokens_seen.clone()
-
-    # ------------------------------------------------------------------ eviction
-    def score(self, layer_idx, ctx):
-        """1 where the head's own policy keeps the token, 0 where it drops it (all 1 before profiling)."""
-        if layer_idx not in self._profiles:
-            return torch.ones(ctx.view.positions.shape, device=ctx.view.positions.device)
-        choice = self._resolve()[layer_idx].to(ctx.view.positions.device)
-        cache = self._cache
-        last = (cache.seen - 1) - cache.row_start.clamp(min=0)
-        keep = self._keep(choice, ctx.stat(KIND_STAT), ctx.stat(SCORE_STAT), ctx.relative_positions(), last,
-                          cache.tokens_seen, self._profiles[layer_idx].local_window)
-        return keep.float()
-
-    def select(self, scores, positions, row_start, tokens_seen, last_position):
-        return {layer: (score > 0.5) & (positions[layer] >= 0) for layer, score in scores.items()}
-
-    # ------------------------------------------------------------------ reporting
-    def head_choices(self) -> dict[int, torch.Tensor]:
-        """Chosen candidate per profiled layer: {layer: LongTensor [B, H]} (index into CANDIDATES)."""
-        return {layer: c.clone() for layer, c in self._resolve().items()}
-
-    def head_recovery(self) -> dict[int, torch.Tensor]:
-        """Recovery of every candidate on the profiled rows: {layer: [B, H, 5]}."""
-        return {layer: p.recovery.clone() for layer, p in self._profiles.items()}
-
-    def candidate_kept(self) -> dict[int, torch.Tensor]:
-        """Tokens each candidate keeps at the end of the prompt: {layer: LongTensor [B, H, 5]}."""
-        return {layer: p.kept.clone() for layer, p in self._profiles.items()}
-
-    @property
-    def threshold(self) -> torch.Tensor:
-        """The T used per sequence ([B]): `recovery`, or the one searched for `compression_ratio`."""
-        self._resolve()
-        return self._threshold.clone()
-
-    def profile_ratio(self) -> torch.Tensor:
-        """Fraction of the prompt's (evictable layer, KV head, token) entries the chosen policies drop: [B]."""
-        choices = self._resolve()
-        kept = sum(p.kept.gather(-1, choices[layer].unsqueeze(-1)).sum((1, 2)).double()
-                   for layer, p in self._profiles.items())
-        first = next(iter(self._profiles.values()))
-        total = first.prompt_len.cpu().double() * len(self._profiles) * first.kept.shape[1]
-        return 1.0 - kept / total
-
-    def achieved_ratio(self) -> torch.Tensor:
-        """Fraction of (evictable layer, KV head, token) entries removed right now, from the cache's kept counts
-        vs the real tokens seen: [B]."""
-        cache = self._cache
-        layers = [layer.layer_idx for layer in cache.layers if layer.evictable and layer.store is not None]
-        counts = cache.kept_counts()[layers]  # [N, B, H]
-        total = cache.tokens_seen.cpu().double() * counts.shape[0] * counts.shape[2]
-        return 1.0 - counts.sum((0, 2)).double() / total
-
-
-# ---------------------------------------------------------------------------------------- profiling report
-def prompt_ids(tokenizer, prompt: str) -> tuple[torch.Tensor, bool]:
-    """Token ids [1, n] of `prompt` as kvevict.generate feeds it (through the chat template when the tokenizer
-    has one, which is where chat special tokens come from), and whether the template was used."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    if chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               tokenize=False)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).input_ids
-    if ids.shape[1] < 2:
-        raise ValueError("prompt is too short to profile: give at least two tokens")
-    return ids, chat
-
-
-def timed_prefill(model, cache, input_ids: torch.Tensor) -> float:
-    """Seconds one forward of `input_ids` into `cache` takes (logits of the last token only)."""
-    started = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=input_ids.to(model.device), **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - started
-
-
-def summarize(policy: FastGenPolicy, cache, row: int = 0) -> dict:
-    """What the profile chose for batch row `row` and what the cache holds: plain numbers for reports.
-
-    fractions: share of (evictable layer, KV head) pairs per candidate; compression_ratio: from the cache's kept
-    counts (evictable layers); recovery_mean/min: recovery of the chosen candidates on the profiled rows;
-    grid: [layers][heads] chosen candidate, -1 for layers never evicted (sliding window).
-    """
-    choices, recovery, kept_now = policy.head_choices(), policy.head_recovery(), cache.kept_counts()
-    layers = sorted(choices)
-    heads = kept_now.shape[2]
-    grid = torch.full((len(cache.layers), heads), -1, dtype=torch.long)
-    chosen_recovery, per_layer = [], []
-    for layer in layers:
-        choice = choices[layer][row]
-        grid[layer] = choice
-        rec = recovery[layer][row].gather(-1, choice.view(-1, 1)).squeeze(-1)
-        chosen_recovery.append(rec)
-        per_layer.append({"layer": layer, "policy": [CANDIDATES[int(c)] for c in choice],
-                          "recovery": [round(float(r), 4) for r in rec], "kept": kept_now[layer, row].tolist()})
-    chosen = torch.cat(chosen_recovery)
-    picked = grid[layers].flatten()
-    return {
-        "threshold": float(policy.threshold[row]),
-        "target_ratio": float(policy.compression_ratio) or None,
-        "evictable_layers": len(layers),
-        "kv_heads": heads,
-        "profiled_rows": min(p.rows for p in policy._profiles.values()),
-        "fractions": {name: float((picked == c).float().mean()) for c, name in enumerate(CANDIDATES)},
-        "compression_ratio": float(policy.achieved_ratio()[row]),
-        "kv_bytes": cache.nbytes(),
-        "full_kv_bytes": cache.full_nbytes(),
-        "recovery_mean": float(chosen.mean()),
-        "recovery_min": float(chosen.min()),
-        "layers": per_layer,
-        "grid": grid.tolist(),
-    }
-
-
-def profile_stats(model, tokenizer, prompt: str, policy: FastGenPolicy, baseline: bool = True) -> dict:
-    """Prefill `prompt` (batch 1) with `policy` and summarize its profile; with `baseline`, first time a prefill
-    with the full cache (after a short warm-up). Returns plain numbers, plus the cache under "_cache"."""
-    from ..cache import EvictingCache
-    from . import make_policy
-
-    if not isinstance(policy, FastGenPolicy):
-        raise ValueError(f"policy must be a fastgen policy, got {type(policy).__name__}")
-    ids, chat = prompt_ids(tokenizer, prompt)
-    stats: dict[str, Any] = {"model": getattr(model.config, "name_or_path", "") or type(model).__name__,
-                             "prompt_tokens": int(ids.shape[1]), "chat_template": chat}
-    if baseline:
-        timed_prefill(model, EvictingCache(model, make_policy("full")), ids[:, :64])  # warm-up
-        stats["prefill_full_s"] = timed_prefill(model, EvictingCache(model, make_policy("full")), ids)
-    policy.set_tokenizer(tokenizer)
-    cache = EvictingCache(model, policy)
-    stats["prefill_fastgen_s"] = timed_prefill(model, cache, ids)
-    stats["profile_s"] = policy.profile_seconds
-    if baseline:
-        stats["profile_pct_of_prefill"] = 100.0 * stats["profile_s"] / stats["prefill_full_s"]
-    stats.update(summarize(policy, cache))
-    stats["_cache"] = cache
-    return stats
-
-
-def plot_heads(grid, path: Path, title: str) -> Path:
-    """Heat map layer x KV head -> chosen policy (grey: sliding-window layers, never evicted). Writes a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import BoundaryNorm, ListedColormap
-
-    grid = torch.as_tensor(grid)
-    colors = ["#d9d9d9", "#1b9e77", "#66a61e", "#e6ab02", "#d95f02", "#7570b3"]
-    cmap = ListedColormap(colors)
-    norm = BoundaryNorm([i - 1.5 for i in range(len(colors) + 1)], cmap.N)
-    layers, heads = grid.shape
-    fig, ax = plt.subplots(figsize=(4.6 + 0.5 * heads, 1.6 + 0.22 * layers))
-    ax.imshow(grid.numpy(), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(heads))
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(0, layers, max(1, layers // 15)))
-    ax.set_title(title, fontsize=9)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i + 1]) for i in range(len(CANDIDATES))]
-    labels = list(CANDIDATES)
-    if bool((grid < 0).any()):
-        handles.insert(0, plt.Rectangle((0, 0), 1, 1, color=colors[0]))
-        labels.insert(0, "sliding window (not evicted)")
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def format_report(stats: dict) -> str:
-    """The printed profiling report: per-layer table, fractions of heads per policy, ratio, recovery, timing."""
-    heads = stats["kv_heads"]
-    lines = [
-        f"FastGen profile of {stats['model']}: {stats['prompt_tokens']} prompt tokens"
-        f"{' (chat template)' if stats['chat_template'] else ''}, {stats['profiled_rows']} query rows profiled, "
-        f"T = {stats['threshold']:.4f}"
-        + (f" (searched for target ratio {stats['target_ratio']:g})" if stats.get("target_ratio") else ""),
-        "",
-        "layer | " + " | ".join(f"head {h}: policy, recovery, kept" for h in range(heads)),
-    ]
-    for row in stats["layers"]:
-        cells = [f"{SHORT_NAMES[CANDIDATES.index(p)]:>7} {r:.3f} {k:>6}"
-                 for p, r, k in zip(row["policy"], row["recovery"], row["kept"])]
-        lines.append(f"{row['layer']:>5} | " + " | ".join(cells))
-    skipped = stats["evictable_layers"] != len(stats["grid"])
-    lines += [
-        "",
-        "legend: S = special, P = punctuation, F = frequent, L = local"
-        + ("; sliding-window layers are not profiled (never evicted)" if skipped else ""),
-        "heads per policy: " + ", ".join(f"{name} {100 * f:.1f}%" for name, f in stats["fractions"].items()),
-        f"compression ratio (evictable layers): {stats['compression_ratio']:.4f}   "
-        f"KV bytes {stats['kv_bytes'] / 2**20:.1f} MiB of {stats['full_kv_bytes'] / 2**20:.1f} MiB",
-        f"recovery of the chosen policies: mean {stats['recovery_mean']:.4f}, min {stats['recovery_min']:.4f}",
-    ]
-    timing = f"profiling {stats['profile_s']:.3f} s; prefill with fastgen {stats['prefill_fastgen_s']:.3f} s"
-    if "prefill_full_s" in stats:
-        timing += (f", with the full cache {stats['prefill_full_s']:.3f} s "
-                   f"(profiling = {stats['profile_pct_of_prefill']:.1f}% of the full prefill)")
-    lines.append(timing)
-    return "\n".join(lines)
-
-
-def profile(model, tokenizer, prompt: str, policy: FastGenPolicy, out_dir: Path) -> str:
-    """`kvevict profile --policy fastgen`: profile `prompt`, write the heat map PNG into out_dir, return the report."""
-    stats = profile_stats(model, tokenizer, prompt, policy)
-    stats.pop("_cache")
-    name = Path(str(stats["model"])).name or "model"
-    png = plot_heads(stats["grid"], Path(out_dir) / f"fastgen_heads_{name}_T{stats['threshold']:.2f}.png",
-                     f"FastGen {name}\nT={stats['threshold']:.3f}, ratio {stats['compression_ratio']:.3f}")
-    return format_report(stats) + f"\nheat map: {png}"

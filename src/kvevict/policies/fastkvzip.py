@@ -17,19 +17,76 @@ A checkpoint made for another model is refused.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..gates.checkpoint import shipped_gates
+from ..gates.checkpoint import load_once, shipped_gates
 from ..gates.sink_gate import load_gates
-from .base import Policy
+from .base import Policy, PolicyState
 
 KIND = "fastkvzip"
 
 
-@dataclass
+class FastKVzipState(PolicyState):
+    """The loaded gates (shared by every cache of the process) and the scores of the forward under way."""
+
+    shared = PolicyState.shared + ("gates", "gate_meta")
+
+    def __init__(self, policy, geometry, tokenizer=None):
+        super().__init__(policy, geometry, tokenizer)
+        folder = policy.gates or shipped_gates(KIND, getattr(geometry.model_config, "name_or_path", "") or "")
+        self.gate_meta, gates = load_once(KIND, folder, geometry.model_config, load_gates)
+        self.gates = gates.to(geometry.device)
+        if policy.compression_ratio is None and policy.budget is None and "target_ratio" not in self.gate_meta["hyper"]:
+            raise ValueError(f"gate checkpoint {folder} records no target_ratio in gates.json: "
+                             "give compression_ratio or budget")
+        self.pending: dict[int, torch.Tensor] = {}
+
+    @property
+    def compression_ratio(self) -> float:
+        if self.policy.compression_ratio is None and self.policy.budget is None:
+            return float(self.gate_meta["hyper"]["target_ratio"])  # the ratio the gates were trained for
+        return self.policy.compression_ratio or 0.0
+
+    # ------------------------------------------------------------------ scoring as tokens arrive
+    def wants_layer_input(self) -> bool:
+        return True
+
+    def on_layer_input(self, layer_idx, hidden_states, forward) -> None:
+        gate = self.gates[str(layer_idx)] if str(layer_idx) in self.gates else None
+        if gate is None:
+            return
+        with torch.no_grad():
+            self.pending[layer_idx] = gate(hidden_states.float()).transpose(1, 2)  # [B, H, T]
+
+    def initial_stats(self, layer_idx, forward):
+        scores = self.pending.pop(layer_idx, None)
+        return None if scores is None else {KIND: scores}
+
+    def score(self, layer_idx, ctx):
+        return ctx.stat(KIND)
+
+    # ------------------------------------------------------------------ windows
+    def recent_window(self, target, eviction) -> int:
+        policy = self.policy
+        if eviction.phase == "decode":
+            return max(policy.decode_interval or 0, policy.window or 0)  # the paper: the newest 128 tokens score 1
+        if policy.window is not None:
+            return policy.window
+        seen = int(eviction.tokens_seen.max())
+        return 4096 if seen >= 16384 else math.ceil(0.02 * seen)
+
+    def describe(self) -> str:
+        size = f"budget={self.budget}" if self.budget is not None else f"ratio={self.compression_ratio:g}"
+        return f"{self.policy.name}({size}, {self.policy.allocation})"
+
+    def gate_parameters(self) -> int:
+        return sum(p.numel() for p in self.gates.parameters())
+
+
+@dataclass(frozen=True)
 class FastKVzipPolicy(Policy):
     """Trained sink-attention gates score tokens as they arrive; global threshold; windowed."""
 
@@ -39,58 +96,10 @@ class FastKVzipPolicy(Policy):
     window: int | None = None  # None: 4,096 tokens, or 2% of the context under 16k tokens
     gates: str | None = None  # checkpoint folder; None: the gates shipped for the model
     name = "fastkvzip"
+    State = FastKVzipState
     OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"compression_ratio", "window"}
-    _gates: object = field(default=None, init=False, repr=False, compare=False)
-
-    @property
-    def evicts(self) -> bool:
-        return self.budget is not None or self.compression_ratio is None or self.compression_ratio > 0
 
     def describe(self) -> str:
-        if self.budget is None and self.compression_ratio is None:  # not bound to a cache yet
+        if self.budget is None and self.compression_ratio is None:  # the gates' own ratio, known once started
             return f"{self.name}(trained ratio, {self.allocation})"
         return super().describe()
-
-    def bind(self, cache) -> None:
-        super().bind(cache)
-        model = cache.model
-        folder = self.gates or shipped_gates(KIND, getattr(model.config, "name_or_path", "") or "")
-        meta, gates = load_gates(folder, model)
-        self._gates = gates.to(next(model.parameters()).device)
-        self.gate_meta = meta
-        if self.compression_ratio is None and self.budget is None:
-            if "target_ratio" not in meta["hyper"]:
-                raise ValueError(f"gate checkpoint {folder} records no target_ratio in gates.json: "
-                                 "give compression_ratio or budget")
-            self.compression_ratio = float(meta["hyper"]["target_ratio"])
-        self._pending: dict[int, torch.Tensor] = {}
-
-    # ------------------------------------------------------------------ scoring as tokens arrive
-    def wants_layer_input(self) -> bool:
-        return True
-
-    def on_layer_input(self, layer_idx, hidden_states) -> None:
-        gate = self._gates[str(layer_idx)] if str(layer_idx) in self._gates else None
-        if gate is None:
-            return
-        with torch.no_grad():
-            self._pending[layer_idx] = gate(hidden_states.float()).transpose(1, 2)  # [B, H, T]
-
-    def initial_stats(self, layer_idx, input_ids, positions):
-        scores = self._pending.pop(layer_idx, None)
-        return None if scores is None else {KIND: scores}
-
-    def score(self, layer_idx, ctx):
-        return ctx.stat(KIND)
-
-    # ------------------------------------------------------------------ windows
-    def recent_window(self, target: int) -> int:
-        if self._cache.phase == "decode":
-            return max(self.decode_interval or 0, self.window or 0)  # the paper: the newest 128 tokens score 1
-        if self.window is not None:
-            return self.window
-        seen = int(self._cache.tokens_seen.max())
-        return 4096 if seen >= 16384 else math.ceil(0.02 * seen)
-
-    def gate_parameters(self) -> int:
-        return sum(p.numel() for p in self._gates.parameters())

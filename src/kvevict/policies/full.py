@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .base import Policy
 
 
-@dataclass
+@dataclass(frozen=True)
 class FullPolicy(Policy):
     """Keeps every token. Logits match transformers' DynamicCache exactly."""
 
@@ -18,5 +18,5 @@ class FullPolicy(Policy):
         if self.evicts:
             raise ValueError("the full policy keeps everything: compression_ratio must be 0 and budget None")
 
-    def score(self, layer_idx, ctx):
+    def score(self, state, layer_idx, ctx):
         return ctx.view.positions.float()

@@ -12,25 +12,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..attention import accumulated_attention
-from .base import Policy
+from .base import Policy, PolicyState
 
 
-@dataclass
-class H2OPolicy(Policy):
-    """Heavy hitters by accumulated attention + a recent window."""
-
-    recent_fraction: float = 0.5
-    name = "h2o"
-    needs_attention = True
-    SIZING_PARAMS: ClassVar[frozenset[str]] = Policy.SIZING_PARAMS | {"recent_fraction"}
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_number("recent_fraction", 0.0, 1.0)
-
-    def recent_window(self, target: int) -> int:
-        return max(self.window, math.floor(self.recent_fraction * target))
-
+class H2OState(PolicyState):
     def observe(self, layer_idx, ctx):
         acc = accumulated_attention(
             ctx.queries, ctx.view.keys, ctx.query_positions, ctx.view.positions, ctx.scaling,
@@ -38,5 +23,22 @@ class H2OPolicy(Policy):
         )
         ctx.add_stat("h2o", acc)
 
-    def score(self, layer_idx, ctx):
+    def recent_window(self, target, eviction):
+        return max(self.policy.window, math.floor(self.policy.recent_fraction * target))
+
+
+@dataclass(frozen=True)
+class H2OPolicy(Policy):
+    """Heavy hitters by accumulated attention + a recent window."""
+
+    recent_fraction: float = 0.5
+    name = "h2o"
+    State = H2OState
+    SIZING_PARAMS: ClassVar[frozenset[str]] = Policy.SIZING_PARAMS | {"recent_fraction"}
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_number("recent_fraction", 0.0, 1.0)
+
+    def score(self, state, layer_idx, ctx):
         return ctx.stat("h2o")

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from .base import Policy
 
 
-@dataclass
+@dataclass(frozen=True)
 class KnormPolicy(Policy):
     """Score = -||k||_2 (no attention needed, works with any attention kernel)."""
 
     name = "knorm"
 
-    def score(self, layer_idx, ctx):
+    def score(self, state, layer_idx, ctx):
         return -ctx.view.keys.float().norm(dim=-1)

@@ -25,88 +25,63 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import allowed_keys
-from ..compat import cache_kwargs
-from .base import Policy
+from ..chat import has_template, user_turn
+from .base import Policy, PolicyState
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 _QUERY_BLOCK = 256
 
 
+_MARKER = "\x00USER\x00"
+
+
 def assistant_prefix(tokenizer) -> str:
     """What the chat template puts between a user turn and the model's answer ("\\n" without a template)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return "\n"
-    marker = "\x00USER\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                         tokenize=False)
-    return text.split(marker, 1)[1]
+    return user_turn(tokenizer, _MARKER).split(_MARKER, 1)[1] if has_template(tokenizer) else "\n"
 
 
 def template_opening(tokenizer) -> list[int]:
     """Token ids the chat template puts before the first user text (its system turn), [] without a template."""
-    if getattr(tokenizer, "chat_template", None) is None:
+    if not has_template(tokenizer):
         return []
-    marker = "\x00USER\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text.split(marker, 1)[0], add_special_tokens=False).input_ids
+    return tokenizer(user_turn(tokenizer, _MARKER).split(_MARKER, 1)[0], add_special_tokens=False).input_ids
 
 
-@dataclass
-class KVzipPolicy(Policy):
-    """Context-reconstruction scores (max attention of a repeat pass), global threshold by default."""
+class KVzipState(PolicyState):
+    """Every token id seen (batch of one), how far the repeat passes have scored, and the protected prefix."""
 
-    allocation: str = "global"
-    sink_tokens: int = 4
-    chunk_size: int = 2000
-    prompt_overlap: int = 8  # tokens of the previous chunk quoted in a later chunk's repeat prompt
-    tokenizer: object = field(default=None, repr=False, compare=False)
-    name = "kvzip"
-    needs_tokenizer = True
-    observed_state = ("_token_ids", "_scored_upto", "_protected")
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_count("chunk_size", minimum=16)
-        self._check_count("prompt_overlap")
-
-    def bind(self, cache) -> None:
-        super().bind(cache)
-        self._token_ids: list[torch.Tensor] = []  # every token id seen, in order (batch of one)
-        self._scored_upto = 0  # positions below this one have been scored
-        self._protected = self.sink_tokens  # never-evicted prefix (grows to the template's system turn)
-        self._probe: tuple[int, int, int] | None = None  # (chunk start, chunk end, repeat start) during a pass
-
-    def set_tokenizer(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, policy, geometry, tokenizer=None):
+        super().__init__(policy, geometry, tokenizer)
+        self.token_ids: list[torch.Tensor] = []  # every token id seen, in order
+        self.scored_upto = 0  # positions below this one have been scored
+        self.protected = policy.sink_tokens  # never-evicted prefix (grows to the template's system turn)
+        self.probe: tuple[int, int, int] | None = None  # (chunk start, chunk end, repeat start) during a pass
+        self.first_layer = geometry.evictable_layers[0] if geometry.evictable_layers else None
 
     @property
     def observes(self) -> bool:
         return True
 
     # ------------------------------------------------------------------ recording and observing
-    def initial_stats(self, layer_idx, input_ids, positions):
-        if self._probe is not None or layer_idx != self._first_layer():
+    def initial_stats(self, layer_idx, forward):
+        if self.probe is not None or layer_idx != self.first_layer:
             return None
-        if input_ids is None:
+        if forward.input_ids is None:
             raise ValueError("kvzip needs token ids (input_ids), not inputs_embeds")
-        if input_ids.shape[0] != 1:
+        if forward.input_ids.shape[0] != 1:
             raise ValueError("kvzip scores one sequence at a time: use batch size 1")
-        self._token_ids.append(input_ids[0].detach().cpu())
+        self.token_ids.append(forward.input_ids[0].detach().cpu())
         return None
 
-    def _first_layer(self) -> int:
-        return next(layer.layer_idx for layer in self._cache.layers if layer.evictable)
-
     def observe(self, layer_idx, ctx) -> None:
-        if self._probe is None:
+        if self.probe is None:
             return
-        start, stop, repeat_start = self._probe
+        start, stop, repeat_start = self.probe
         kpos = ctx.view.positions.long()
         # keys the scoring softmax runs over: protected prefix, this chunk, the repeat tokens themselves
         in_chunk = (kpos >= start) & (kpos < stop)
-        subset = (kpos >= 0) & ((kpos < self._protected) | in_chunk | (kpos >= repeat_start))
+        subset = (kpos >= 0) & ((kpos < self.protected) | in_chunk | (kpos >= repeat_start))
         best = torch.full(kpos.shape, float("-inf"), dtype=torch.float32, device=kpos.device)
         q = ctx.queries.float()
         keys = ctx.view.keys.float()
@@ -122,54 +97,59 @@ class KVzipPolicy(Policy):
         ctx.set_stat("kvzip", torch.where(in_chunk, scores, ctx.stat("kvzip")))
 
     # ------------------------------------------------------------------ scoring passes
-    def prepare_eviction(self) -> None:
-        self._score_new_tokens()
+    def prepare_eviction(self, eviction) -> None:
+        """Run repeat passes over every token not scored yet (the prompt, later each batch of decoded tokens)."""
+        seen = eviction.seen
+        if seen <= self.scored_upto:
+            return
+        if eviction.batch != 1:
+            raise ValueError("kvzip scores one sequence at a time: use batch size 1")
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ValueError("kvzip needs the tokenizer: make_policy('kvzip', tokenizer=tok) (kvevict.generate and "
+                             "kvevict.answer pass it)")
+        ids = torch.cat(self.token_ids)
+        opening = template_opening(tokenizer)
+        has_opening = len(opening) > 0 and ids[: len(opening)].tolist() == opening
+        self.protected = max(self.policy.sink_tokens, len(opening) if has_opening else 0)
+        prefix = tokenizer(assistant_prefix(tokenizer), add_special_tokens=False).input_ids
+        chunk_start = max(self.scored_upto, self.protected)
+        while chunk_start < seen:
+            chunk_stop = min(seen, chunk_start + self.policy.chunk_size)
+            if chunk_start == self.protected:
+                lead = tokenizer(FIRST_PROMPT, add_special_tokens=False).input_ids
+            else:
+                quoted = tokenizer.decode(ids[max(0, chunk_start - self.policy.prompt_overlap):chunk_start])
+                lead = tokenizer(LATER_PROMPT + quoted, add_special_tokens=False).input_ids
+            repeat = torch.tensor([lead + prefix + ids[chunk_start:chunk_stop].tolist()], device=self.geometry.device)
+            self.probe = (chunk_start, chunk_stop, seen)
+            try:
+                eviction.replay(repeat, self)
+            finally:
+                self.probe = None
+            chunk_start = chunk_stop
+        self.scored_upto = seen
 
     def protected_prefix(self) -> int:
-        return self._protected
+        return self.protected
 
     def score(self, layer_idx, ctx):
         return ctx.stat("kvzip")
 
-    def _score_new_tokens(self) -> None:
-        """Run repeat passes over every token not scored yet (the prompt, later each batch of decoded tokens)."""
-        cache = self._cache
-        if cache.seen <= self._scored_upto:
-            return
-        if cache.batch != 1:
-            raise ValueError("kvzip scores one sequence at a time: use batch size 1")
-        if self.tokenizer is None:
-            raise ValueError("kvzip needs the tokenizer: make_policy('kvzip', tokenizer=tok) (kvevict.generate and "
-                             "kvevict.answer pass it)")
-        ids = torch.cat(self._token_ids)
-        opening = template_opening(self.tokenizer)
-        has_opening = len(opening) > 0 and ids[: len(opening)].tolist() == opening
-        self._protected = max(self.sink_tokens, len(opening) if has_opening else 0)
-        start = max(self._scored_upto, self._protected)
-        seen = cache.seen
-        prefix = self.tokenizer(assistant_prefix(self.tokenizer), add_special_tokens=False).input_ids
-        chunk_start = start
-        while chunk_start < seen:
-            chunk_stop = min(seen, chunk_start + self.chunk_size)
-            if chunk_start == self._protected:
-                lead = self.tokenizer(FIRST_PROMPT, add_special_tokens=False).input_ids
-            else:
-                quoted = self.tokenizer.decode(ids[max(0, chunk_start - self.prompt_overlap):chunk_start])
-                lead = self.tokenizer(LATER_PROMPT + quoted, add_special_tokens=False).input_ids
-            repeat = torch.tensor([lead + prefix + ids[chunk_start:chunk_stop].tolist()], device=cache.model.device)
-            self._repeat_pass(repeat, chunk_start, chunk_stop)
-            chunk_start = chunk_stop
-        self._scored_upto = seen
 
-    def _repeat_pass(self, repeat: torch.Tensor, start: int, stop: int) -> None:
-        cache = self._cache
-        seen = cache.seen
-        positions = torch.arange(seen, seen + repeat.shape[1], device=repeat.device).unsqueeze(0)
-        mask = torch.ones(1, seen + repeat.shape[1], dtype=torch.long, device=repeat.device)
-        self._probe = (start, stop, seen)
-        try:
-            with torch.no_grad(), cache.frozen_tokens(observer=self):
-                cache.model(input_ids=repeat, attention_mask=mask, position_ids=positions, **cache_kwargs(cache),
-                            logits_to_keep=1)
-        finally:
-            self._probe = None
+@dataclass(frozen=True)
+class KVzipPolicy(Policy):
+    """Context-reconstruction scores (max attention of a repeat pass), global threshold by default."""
+
+    allocation: str = "global"
+    sink_tokens: int = 4
+    chunk_size: int = 2000
+    prompt_overlap: int = 8  # tokens of the previous chunk quoted in a later chunk's repeat prompt
+    tokenizer: object = field(default=None, repr=False, compare=False)
+    name = "kvzip"
+    State = KVzipState
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_count("chunk_size", minimum=16)
+        self._check_count("prompt_overlap")

@@ -16,7 +16,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return (x * 1103515245 + 12345) % _MOD
 
 
-@dataclass
+@dataclass(frozen=True)
 class RandomPolicy(Policy):
     """Pseudo-random scores, a function of (seed, layer, KV head, position) only.
 
@@ -26,7 +26,7 @@ class RandomPolicy(Policy):
     seed: int = 0
     name = "random"
 
-    def score(self, layer_idx, ctx):
+    def score(self, state, layer_idx, ctx):
         pos = ctx.relative_positions()
         B, H, L = pos.shape
         head = torch.arange(H, device=pos.device).view(1, H, 1)

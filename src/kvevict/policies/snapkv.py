@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .base import Policy, pool1d
 
 
-@dataclass
+@dataclass(frozen=True)
 class SnapKVPolicy(Policy):
     """Observation-window attention, pooled."""
 
@@ -32,7 +32,7 @@ class SnapKVPolicy(Policy):
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size!r}")
 
-    def score(self, layer_idx, ctx):
-        probs = self.recent_attention(layer_idx, ctx)  # [B, H, G, w, L]
+    def score(self, state, layer_idx, ctx):
+        probs = state.recent_attention(layer_idx, ctx)  # [B, H, G, w, L]
         per_query = probs.mean(dim=3)  # [B, H, G, L]
         return pool1d(per_query, self.kernel_size).mean(dim=2)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from .base import Policy
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamingLLMPolicy(Policy):
     """Attention sinks + recent window."""
 
     sink_tokens: int = 4
     name = "streamingllm"
 
-    def score(self, layer_idx, ctx):
+    def score(self, state, layer_idx, ctx):
         return ctx.view.positions.float()

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from .base import Policy
 
 
-@dataclass
+@dataclass(frozen=True)
 class TOVAPolicy(Policy):
     """Score = attention of the last query, mean over every query head of the layer."""
 
     name = "tova"
     query_window = 1
 
-    def score(self, layer_idx, ctx):
-        probs = self.recent_attention(layer_idx, ctx)  # [B, H, G, 1, L]
+    def score(self, state, layer_idx, ctx):
+        probs = state.recent_attention(layer_idx, ctx)  # [B, H, G, 1, L]
         layer_mean = probs.sum(3).mean(dim=(1, 2), keepdim=False)  # [B, L]
         return layer_mean.unsqueeze(1).expand_as(ctx.view.positions)

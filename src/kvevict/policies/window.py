@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from .base import Policy
 
 
-@dataclass
+@dataclass(frozen=True)
 class WindowPolicy(Policy):
     """Keeps the last `budget` (or (1 - ratio) x seen) tokens of every head."""
 
     name = "window"
 
-    def score(self, layer_idx, ctx):
+    def score(self, state, layer_idx, ctx):
         return ctx.view.positions.float()

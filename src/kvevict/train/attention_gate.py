@@ -48,7 +48,7 @@ SOURCES = ("essays", "pydoc", "plays", "python")
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _documents(source: str, max_docs: int | None = None) -> list[tuple[str, str]]:
+def _documents(source: str) -> list[tuple[str, str]]:
     """(name, text) of every document of `source`, in a fixed order."""
     if source == "essays":
         from ..data import essays
@@ -217,7 +217,7 @@ def calibrate_bias(model, gates, gate_config: GateConfig, ids: torch.Tensor, tar
     then has to hold the rate rather than find it, and the language-model loss spends the steps on *which* tokens
     to keep.
     """
-    from ..cache import attention_modules
+    from ..hooks import attention_modules, hidden_states_of
 
     keep = 1.0 - target_ratio
     evictable = slice(gate_config.sink_tokens, None)
@@ -226,7 +226,7 @@ def calibrate_bias(model, gates, gate_config: GateConfig, ids: torch.Tensor, tar
         key = str(module.layer_idx)
         if key not in gates:
             return
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        hidden = hidden_states_of(args, kwargs)
         prob, _ = gates[key](hidden)
         logits = torch.logit(prob[:, evictable].reshape(-1, prob.shape[-1]).double(), eps=1e-12)  # [N, H]
         threshold = torch.logit(torch.tensor(gate_config.tau, dtype=torch.float64))

@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cache import EvictingCache, attention_modules
+from ..cache import EvictingCache
+from ..chat import has_template, user_turn
 from ..compat import cache_kwargs
 from ..data import essays, pydoc_topics
 from ..gates.checkpoint import save_gates
 from ..gates.sink_gate import build_gates, gate_hyper, gated_layers
+from ..hooks import attention_modules, hidden_states_of
 from ..models import load_model
 from ..policies.kvzip import KVzipPolicy
 
@@ -71,10 +73,9 @@ def training_documents(seed: int) -> list[tuple[str, str]]:
 
 def render_context(tokenizer, text: str) -> list[int]:
     """Token ids of a context as a user turn of the chat template (up to where the text ends)."""
-    if getattr(tokenizer, "chat_template", None) is None:
+    if not has_template(tokenizer):
         return tokenizer(text).input_ids
-    full = tokenizer.apply_chat_template([{"role": "user", "content": text + "\n\nQuestion: ?"}],
-                                         add_generation_prompt=True, tokenize=False)
+    full = user_turn(tokenizer, text + "\n\nQuestion: ?")
     return tokenizer(full[: full.index(text) + len(text)], add_special_tokens=False).input_ids
 
 
@@ -88,7 +89,7 @@ def collect_document(model, tokenizer, ids: list[int], chunk_size: int = 2000):
         module = attention_modules(model)[idx]
 
         def grab(mod, args, kwargs, idx=idx):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            hidden = hidden_states_of(args, kwargs)
             if idx not in captured:  # the prefill comes first; the repeat passes after it are not recorded
                 captured[idx] = hidden[0].to(torch.float16).cpu()
 
@@ -99,11 +100,11 @@ def collect_document(model, tokenizer, ids: list[int], chunk_size: int = 2000):
         device = next(model.parameters()).device
         tensor = torch.tensor([ids], device=device)
         model(input_ids=tensor, attention_mask=torch.ones_like(tensor), **cache_kwargs(cache), logits_to_keep=1)
-        policy.prepare_eviction()  # the repeat passes: KVzip scores of every context token
+        cache.state.prepare_eviction(cache.eviction_context())  # the repeat passes: KVzip scores of every token
     finally:
         for hook in hooks:
             hook.remove()
-    start = policy.protected_prefix()
+    start = cache.state.protected_prefix()
     hidden, targets = {}, {}
     for idx in layers:
         store = cache.layers[idx].store
