@@ -442,7 +442,8 @@ class EvictingCache(Cache, HookedCache):
         return torch.stack(counts).cpu()
 
     def kept_positions(self, layer_idx: int) -> list[list[torch.Tensor]]:
-        """Original positions kept in `layer_idx`, per batch row and KV head (0 = the row's first real token)."""
+        """What layer `layer_idx` holds: a list over batch rows of lists over KV heads of LongTensors, each the
+        ascending original positions that head keeps, counted from the row's first real token (0 = that token)."""
         store = self.layers[layer_idx].store
         if store is None:
             raise RuntimeError("the cache is empty: run a forward pass first")
