@@ -88,7 +88,6 @@ def cost(model, tok, folder, length: int, ratio: float, decode: int, repeats: in
 
 
 def write_summary(out: Path, model_name: str) -> str:
-    import csv
 
     lines = [f"# Fast KVzip on {model_name}", ""]
     if (out / "heldout.json").is_file():

@@ -293,15 +293,15 @@ class PolicyState:
     def select(self, scores: dict[int, torch.Tensor], positions: dict[int, torch.Tensor],
                eviction: EvictionContext) -> dict[int, torch.Tensor]:
         """Keep masks per layer [B, H, L] from scores [B, H, L] and positions [B, H, L] (-1 = empty slot)."""
-        policy = self.policy
         targets = self.target_tokens(eviction.tokens_seen)  # [B]
         last_position = eviction.seen - 1
+        windows = torch.tensor([self.recent_window(int(t), eviction) for t in targets.tolist()])  # [B]
         ranked = {}
         for layer, score in scores.items():
             pos = positions[layer].long()
             valid = pos >= 0
             score = score.float().masked_fill(~valid, float("-inf"))
-            window = torch.tensor([self.recent_window(int(t), eviction) for t in targets], device=pos.device)
+            window = windows.to(pos.device)
             protected = valid & (
                 (pos < (eviction.row_start.view(-1, 1, 1) + self.protected_prefix()))
                 | (pos > last_position - window.view(-1, 1, 1))

