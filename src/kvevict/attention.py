@@ -31,6 +31,8 @@ def activate(cache) -> contextvars.Token:
 
 def deactivate(token: contextvars.Token) -> None:
     _ACTIVE.reset(token)
+
+
 _QUERY_BLOCK = 256  # query rows per block when materialising probabilities (bounds memory on long prompts)
 
 

@@ -411,9 +411,6 @@ class ObserverSet(Policy):
         object.__setattr__(self, "members", tuple(unique.values()))
         super().__init__()
 
-    def start(self, geometry, tokenizer=None) -> ObserverSetState:
-        return ObserverSetState(self, geometry, tokenizer)
-
 
 class ObserverSetState(PolicyState):
     def __init__(self, policy: ObserverSet, geometry, tokenizer=None):
@@ -457,3 +454,6 @@ class ObserverSetState(PolicyState):
     def observe(self, layer_idx, ctx) -> None:
         for member in self.members.values():  # members observe whatever their own sizing (it is decided later)
             member.observe(layer_idx, ctx.within(member.channel_prefix))
+
+
+ObserverSet.State = ObserverSetState
