@@ -1,4 +1,4 @@
-"""The `kvevict` command: generate, demo, bench, policies."""
+"""The `kvevict` command: generate, demo, eval, bench, serve, profile, train, policies."""
 
 from __future__ import annotations
 
@@ -125,6 +125,30 @@ def cmd_bench(args) -> None:
     run(spec, out=Path(args.out) if args.out else None)
 
 
+def cmd_serve(args) -> None:
+    try:
+        from .serve import serve
+        from .serve.memory import parse_bytes
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"kvevict serve needs the serve extra ({err.name} is missing): pip install 'kvevict[serve]'") from None
+
+    policy = _policy_from_args(args)  # validate before loading the model
+    kv_budget = parse_bytes(args.kv_budget)
+    if args.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    serve(args.model, policy, kv_budget, host=args.host, port=args.port, prefill_chunk=args.prefill_chunk,
+          dtype=args.dtype, device=args.device)
+
+
+def cmd_bench_serve(args) -> None:
+    from .serve.loadgen import LoadSpec, run_load
+
+    spec = LoadSpec(url=args.url, concurrency=args.concurrency, requests=args.requests,
+                    prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, timeout=args.timeout,
+                    policy_args=_json_object(args.kvevict, "--kvevict", """'{"compression_ratio": 0.75}'""") or None)
+    run_load(spec, out=Path(args.out) if args.out else None)
+
+
 def cmd_profile(args) -> None:
     """Run a policy's profiling report (the policies in `kvevict.profiling.PROFILES`)."""
     from .data import haystack
@@ -210,6 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="JSON file for the results")
     p.set_defaults(func=cmd_bench)
+    targets = p.add_subparsers(dest="bench_target")
+    q = targets.add_parser("serve", help="load a running server (loopback only): tokens/s, TTFT, ITL, peak requests")
+    q.add_argument("--url", default="http://127.0.0.1:8000", help="the server (127.0.0.1, localhost or ::1 only)")
+    q.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    q.add_argument("--requests", type=int, default=16, help="requests in all")
+    q.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (essays, cut to this many tokens)")
+    q.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request")
+    q.add_argument("--timeout", type=float, default=1800, help="seconds before the run gives up")
+    q.add_argument("--kvevict", help="per-request eviction settings sent in the kvevict field, as JSON")
+    q.add_argument("--out", help="JSON file for the results")
+    q.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server: continuous batching under a KV byte budget")
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, HF id/dir or .gguf")
+    _add_policy_args(p)
+    p.add_argument("--kv-budget", default="512MiB", help="most K/V bytes held at once, e.g. 512MiB or 2GB")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per forward (a policy's own prefill_chunk wins)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("profile", help="a policy's profiling report (FastGen head policies, AhaKV position bias)")
     p.add_argument("--model", default="smollm2-135m")

@@ -1,0 +1,232 @@
+"""The serving engine without HTTP: batched decoding equals decoding alone, admission by KV bytes, preemption."""
+
+import pytest
+import torch
+
+pytest.importorskip("prometheus_client")
+
+from kvevict.api import greedy_kwargs, prefill  # noqa: E402
+from kvevict.batch import CacheBatch  # noqa: E402
+from kvevict.cache import EvictingCache  # noqa: E402
+from kvevict.compat import cache_kwargs  # noqa: E402
+from kvevict.models import tiny_model, tiny_tokenizer  # noqa: E402
+from kvevict.policies import make_policy  # noqa: E402
+from kvevict.serve.app import TextTracker  # noqa: E402
+from kvevict.serve.engine import Engine, Request, RequestTooLarge, Sampling  # noqa: E402
+from kvevict.serve.memory import parse_bytes  # noqa: E402
+from kvevict.serve.metrics import Metrics  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*protected tokens.*:UserWarning")
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(model, tok, policy, ids, max_new_tokens):
+    """What kvevict.generate does for one prompt of token ids: chunked prefill, then generate()."""
+    ids = torch.tensor([ids])
+    cache = EvictingCache(model, policy, tokenizer=tok)
+    if policy.prefill_chunk and ids.shape[1] > 1:
+        prefill(model, cache, ids[:, :-1], torch.ones_like(ids[:, :-1]), policy.prefill_chunk)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache),
+                             **greedy_kwargs(tok, max_new_tokens))
+    return out[0, ids.shape[1]:].tolist()
+
+
+def drain(engine, check=None):
+    steps = 0
+    while engine.waiting or engine.running or engine.prefilling:
+        engine.step()
+        steps += 1
+        if check is not None:
+            check(engine)
+        assert steps < 10_000
+    return steps
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cache_batch_rows_decode_as_alone_and_join_and_leave_without_copies(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    policy = make_policy("snapkv", compression_ratio=0.5, prefill_chunk=8, decode_interval=3, window=4)
+
+    def prefilled(ids):
+        cache = EvictingCache(model, policy)
+        prefill(model, cache, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long), 8)
+        return cache
+
+    rows = prompts((30, 17, 44))
+    solo = [prefilled(ids) for ids in rows]
+    together = [prefilled(ids) for ids in rows]
+    batch = CacheBatch(model, together[:2])
+    pending = {i: ids[-1] for i, ids in enumerate(rows)}
+    members = [0, 1]
+    for step in range(10):
+        if step == 4:  # a row joins mid-way, another leaves: the remaining rows' buffers are not copied
+            keys_before = together[1].layers[1].store.keys
+            batch.remove(together[0])
+            members.remove(0)
+            batch.add(together[2])
+            members.append(2)
+            assert together[1].layers[1].store.keys is keys_before
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[pending[i]] for i in members]),
+                        position_ids=torch.tensor([[together[i].seen] for i in members]), **cache_kwargs(batch))
+            for row, i in enumerate(members):
+                ref = model(input_ids=torch.tensor([[pending[i]]]), position_ids=torch.tensor([[solo[i].seen]]),
+                            **cache_kwargs(solo[i]))
+                torch.testing.assert_close(out.logits[row], ref.logits[0], atol=1e-4, rtol=1e-4)
+                pending[i] = int(ref.logits[0, -1].argmax())
+        for i in members:
+            assert torch.equal(together[i].kept_counts(), solo[i].kept_counts())
+            for layer in range(len(together[i].layers)):
+                assert [[p.tolist() for p in row] for row in together[i].kept_positions(layer)] == \
+                       [[p.tolist() for p in row] for row in solo[i].kept_positions(layer)]
+
+
+def test_cache_batch_refuses_what_it_cannot_run():
+    model = tiny_model("llama")
+    batch = CacheBatch(model)
+    cache = EvictingCache(model, make_policy("window", budget=8))
+    batch.add(cache)
+    with pytest.raises(ValueError, match="already a row"):
+        batch.add(cache)
+    with pytest.raises(ValueError, match="model"):
+        batch.add(EvictingCache(tiny_model("qwen2")))
+    with pytest.raises(ValueError, match="one token per row"):
+        model(input_ids=torch.tensor([[5, 6]]), **cache_kwargs(batch))
+    batch.remove(cache)
+    with pytest.raises(ValueError, match="not a row"):
+        batch.remove(cache)
+
+
+POLICIES = [
+    ("full", {}),
+    ("snapkv", {"compression_ratio": 0.5, "decode_interval": 4, "window": 4}),
+    ("snapkv", {"compression_ratio": 0.6, "allocation": "head", "decode_interval": 5, "window": 4}),
+    ("h2o", {"budget": 12, "decode_interval": 2}),
+    ("streamingllm", {"compression_ratio": 0.7, "decode_interval": 3}),
+    ("ahakv", {"compression_ratio": 0.5, "window": 4}),
+    ("knorm", {"compression_ratio": 0.5, "allocation": "global", "decode_interval": 4}),
+    ("fastgen", {}),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("name,params", POLICIES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(POLICIES)])
+def test_engine_greedy_equals_generate_alone_and_stays_within_prediction(family, name, params):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    engine = Engine(model, tok, kv_budget=10**9, prefill_chunk=16)
+    policy = make_policy(name, **params)
+    requests = [Request(ids, 12, policy, Sampling(temperature=0)) for ids in prompts((40, 57, 23, 3, 1, 70))]
+    for r in requests:
+        engine.submit(r)
+    worst = {}
+
+    def check(e):
+        for r in e.running + ([e.prefilling] if e.prefilling else []):
+            worst[r.id] = max(worst.get(r.id, 0), r.cache.nbytes())
+
+    drain(engine, check)
+    for r in requests:
+        assert r.finish_reason in ("stop", "length")
+        assert r.output_ids == alone(model, tok, r.policy, r.prompt_ids, 12)
+        assert worst[r.id] <= r.estimate.peak, (r.id, worst[r.id], r.estimate)
+    assert engine.peak_running >= 2
+
+
+def test_admission_keeps_the_budget_fifo_and_refuses_what_never_fits():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    policy = make_policy("snapkv", compression_ratio=0.5, decode_interval=4)
+    probe = Engine(model, tok, kv_budget=10**9, prefill_chunk=16)
+    one = probe.estimate(probe.effective_policy(policy), 60, 10)
+    budget = 2 * one.peak + one.peak // 2  # room for two requests at their peak, not three
+    metrics = Metrics("tiny", budget)
+    engine = Engine(model, tok, kv_budget=budget, prefill_chunk=16, metrics=metrics)
+    requests = [Request(ids, 10, policy, Sampling(temperature=0)) for ids in prompts((60,) * 5)]
+    for r in requests:
+        engine.submit(r)
+    order, seen_waiting = [], []
+
+    def check(e):
+        assert e.nbytes() <= budget
+        assert len(e.running) <= 2
+        seen_waiting.append(len(e.waiting))
+        for r in e.running:
+            if r.id not in order:
+                order.append(r.id)
+
+    drain(engine, check)
+    assert order == [r.id for r in requests]  # first come, first admitted
+    assert max(seen_waiting) >= 2 and engine.peak_running == 2
+    assert all(r.finish_reason in ("stop", "length") for r in requests)
+    text = metrics.render().decode()
+    assert 'kvevict:num_requests_running_peak{model_name="tiny"} 2.0' in text
+    with pytest.raises(RequestTooLarge, match="budget"):
+        engine.submit(Request(prompts((600,))[0], 400, make_policy("full"), Sampling(temperature=0)))
+
+
+def test_a_request_past_its_prediction_is_preempted_and_recomputed():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    policy = make_policy("full")
+    probe = Engine(model, tok, kv_budget=10**9, prefill_chunk=16)
+    one = probe.estimate(probe.effective_policy(policy), 50, 20)
+    metrics = Metrics("tiny", one.peak + one.peak // 2)
+    engine = Engine(model, tok, kv_budget=one.peak + one.peak // 2, prefill_chunk=16, metrics=metrics)
+    real_estimate = engine.estimate
+    engine.estimate = lambda p, n, g: type(one)(prefill=1, decode=1)  # a prediction far too low: two get in
+    requests = [Request(ids, 20, policy, Sampling(temperature=0)) for ids in prompts((50, 50))]
+    for r in requests:
+        engine.submit(r)
+    engine.estimate = real_estimate
+
+    def check(e):
+        assert e.nbytes() <= e.kv_budget  # enforced at the end of every step
+
+    drain(engine, check)
+    assert sum(r.preemptions for r in requests) >= 1
+    assert "kvevict:num_preemptions_total" in metrics.render().decode()
+    for r in requests:
+        assert r.finish_reason in ("stop", "length") and len(r.output_ids) >= 1
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stop_frees_the_request():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    engine = Engine(model, tok, kv_budget=10**9, prefill_chunk=16)
+    ids = prompts((30,))[0]
+    runs = []
+    for _ in range(2):
+        r = Request(ids, 10, make_policy("full"), Sampling(temperature=0.9, top_p=0.8, seed=7))
+        engine.submit(r)
+        drain(engine)
+        runs.append(r.output_ids)
+    assert runs[0] == runs[1]
+    r = Request(ids, 50, make_policy("full"), Sampling(temperature=0))
+    engine.submit(r)
+    for _ in range(5):
+        engine.step()
+    assert engine.nbytes() > 0
+    engine.stop_request(r, "abort")
+    engine.step()
+    assert r.finish_reason == "abort" and engine.nbytes() == 0 and r.cache is None
+
+
+def test_text_tracker_holds_back_possible_stop_strings():
+    tok = tiny_tokenizer()
+    tracker = TextTracker(tok, ["END"])
+    out = "".join(tracker.add(i) for i in tok("abc EN").input_ids)
+    assert out == "abc "  # "EN" may still become "END"
+    out += "".join(tracker.add(i) for i in tok("D more").input_ids)
+    assert tracker.stopped and out + tracker.flush() == "abc "
+
+
+def test_parse_bytes():
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    assert parse_bytes("123") == 123
+    for bad in ("", "12 parsecs", "-5MiB", "0"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
