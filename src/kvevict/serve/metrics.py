@@ -48,7 +48,12 @@ class Metrics:
         self.kv_budget = kv_budget
         for reason in FINISH_REASONS:
             self._finished.labels(model_name, reason)
+        for series in (self._evicted, self._prompt, self._generation, self._preempted, self._ttft, self._itl):
+            series.labels(model_name)  # every series exists from the start, at zero
+        self.set_state(kv_bytes=0, peak_kv_bytes=0, running=0, prefilling=0, peak_running=0)
         self._queued: set[str] = set()
+        self.set_queue([])
+        self.set_queue([])
 
     # the engine's handles
     @property
