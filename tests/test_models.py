@@ -38,3 +38,28 @@ def test_load_a_gguf_path_and_run_the_cli(capsys):
           "--prompt", "Name three colours of the rainbow.", "--max-new-tokens", "12"])
     captured = capsys.readouterr()
     assert captured.out.strip() and "KV kept" in captured.err
+
+
+@pytest.mark.slow
+def test_model_path_is_a_standard_hugging_face_folder(capsys):
+    """What `kvevict model-path` prints loads with plain transformers (other engines read it offline)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvevict.cli import main
+    from kvevict.models import load_model
+
+    main(["model-path", "smollm2-135m"])
+    folder = capsys.readouterr().out.strip()
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as weights:
+        assert "model.embed_tokens.weight" in weights.keys()
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ours, _ = load_model("smollm2-135m")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours(ids).logits)

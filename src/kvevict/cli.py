@@ -1,4 +1,4 @@
-"""The `kvevict` command: generate, demo, eval, bench, serve, profile, train, policies."""
+"""The `kvevict` command: generate, demo, eval, bench, serve, profile, train, model-path, policies."""
 
 from __future__ import annotations
 
@@ -170,6 +170,12 @@ def cmd_profile(args) -> None:
     print(report(model, tok, prompt, policy, out_dir))
 
 
+def cmd_model_path(args) -> None:
+    from .models import model_path
+
+    print(model_path(args.name))
+
+
 def cmd_policies(args) -> None:
     from .policies import list_policies, policy_class
 
@@ -278,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in TRAINERS.values():
         if importlib.util.find_spec(module_name) is not None:
             importlib.import_module(module_name).add_parser(trainers)
+
+    p = sub.add_parser("model-path", help="the local Hugging Face folder of an embedded model (written on first use)")
+    p.add_argument("name", help="an embedded model: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, ...")
+    p.set_defaults(func=cmd_model_path)
 
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(func=cmd_policies)

@@ -122,14 +122,37 @@ def _prepare_tokenizer(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
-def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype):
+# Version of the folder layout under the model cache; folders of another version are written again.
+LOCAL_FORMAT = 2  # 2: standard Hugging Face layout (architectures, tied embedding saved once under its own name)
+
+
+def model_path(name: str) -> Path:
+    """The local Hugging Face folder (config, tokenizer, safetensors) of an embedded model, written on first use:
+    what other engines load offline, e.g. `vllm serve $(kvevict model-path smollm2-135m)`."""
+    if name not in EMBEDDED:
+        close = difflib.get_close_matches(str(name).lower(), EMBEDDED, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown embedded model {name!r}{hint}; embedded: {', '.join(EMBEDDED)}")
+    spec = EMBEDDED[name]
     target = cache_dir() / spec.name
-    if not (target / "model.safetensors").is_file():
+    if not _is_current(target):
         gguf = embedded_gguf_path(spec)
         model, tok = _load_gguf(gguf, torch.float32)
         _save_local(model, tok, target, spec)
         del model
-    return _load_local(target, dtype)
+    return target
+
+
+def _is_current(target: Path) -> bool:
+    try:
+        meta = json.loads((target / "kvevict.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == LOCAL_FORMAT and (target / "model.safetensors").is_file()
+
+
+def _load_embedded(spec: EmbeddedModel, dtype: torch.dtype):
+    return _load_local(model_path(spec.name), dtype)
 
 
 def embedded_gguf_path(spec: EmbeddedModel) -> Path:
@@ -175,7 +198,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def _save_local(model, tok, target: Path, spec: EmbeddedModel) -> None:
-    from safetensors.torch import save_model
+    """Write the standard Hugging Face layout (what `from_pretrained` and other engines read)."""
+    from safetensors.torch import save_file
 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -183,24 +207,28 @@ def _save_local(model, tok, target: Path, spec: EmbeddedModel) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]
     config.to_json_file(tmp / "config.json")
+    model.generation_config.to_json_file(tmp / "generation_config.json")
+    weights = dict(model.state_dict())
+    if config.get_text_config(decoder=True).tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # the input embedding's twin: stored once, under its own name
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     tok.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "kvevict.json").write_text(json.dumps({"name": spec.name, "packages": spec.packages}, indent=2))
+    meta = {"name": spec.name, "packages": spec.packages, "format": LOCAL_FORMAT}
+    (tmp / "kvevict.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
 
 def _load_local(target: Path, dtype: torch.dtype):
-    from safetensors.torch import load_model as load_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(target)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    load_weights(model, str(target / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     model.config.name_or_path = target.name
     tok = AutoTokenizer.from_pretrained(target)
-    return model.to(dtype), tok
+    return model, tok
 
 
 def context_window(name_or_path: str) -> int | None:
