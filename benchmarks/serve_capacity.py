@@ -95,7 +95,6 @@ def main() -> None:
     budget = args.kv_budget or full_cache_budget(args)
     ratios = [float(r) for r in args.ratios.split(",")]
     runs = {ratio: serve_and_load(args, ratio, budget) for ratio in ratios}
-    reference = runs[ratios[-1]]
     keys = [("output tokens/s", "output_tokens_per_s", ".1f"), ("requests/s", "requests_per_s", ".3f"),
             ("peak requests running", "peak_running_server", ".0f"), ("wall time (s)", "wall_seconds", ".1f"),
             ("TTFT p50 (s)", "ttft_p50_s", ".2f"), ("ITL p50 (ms)", "itl_p50_s", ".1f"),

@@ -5,16 +5,16 @@ import torch
 
 pytest.importorskip("prometheus_client")
 
-from kvevict.api import greedy_kwargs, prefill  # noqa: E402
-from kvevict.batch import CacheBatch  # noqa: E402
-from kvevict.cache import EvictingCache  # noqa: E402
-from kvevict.compat import cache_kwargs  # noqa: E402
-from kvevict.models import tiny_model, tiny_tokenizer  # noqa: E402
-from kvevict.policies import make_policy  # noqa: E402
-from kvevict.serve.app import TextTracker  # noqa: E402
-from kvevict.serve.engine import Engine, Request, RequestTooLarge, Sampling  # noqa: E402
-from kvevict.serve.memory import parse_bytes  # noqa: E402
-from kvevict.serve.metrics import Metrics  # noqa: E402
+from kvevict.api import greedy_kwargs, prefill
+from kvevict.batch import CacheBatch
+from kvevict.cache import EvictingCache
+from kvevict.compat import cache_kwargs
+from kvevict.models import tiny_model, tiny_tokenizer
+from kvevict.policies import make_policy
+from kvevict.serve.app import TextTracker
+from kvevict.serve.engine import Engine, Request, RequestTooLarge, Sampling
+from kvevict.serve.memory import parse_bytes
+from kvevict.serve.metrics import Metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*protected tokens.*:UserWarning")
 
@@ -49,7 +49,7 @@ def drain(engine, check=None):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_cache_batch_rows_decode_as_alone_and_join_and_leave_without_copies(family):
-    model, tok = tiny_model(family), tiny_tokenizer()
+    model = tiny_model(family)
     policy = make_policy("snapkv", compression_ratio=0.5, prefill_chunk=8, decode_interval=3, window=4)
 
     def prefilled(ids):

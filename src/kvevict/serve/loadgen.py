@@ -9,6 +9,7 @@ throughout for requests running at once and K/V bytes held.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -98,7 +99,7 @@ async def _one(client, spec: LoadSpec, prompt: list[int], record: dict) -> None:
             if payload.get("choices") and payload["choices"][0].get("text"):
                 chunks.append(time.monotonic())
     record.update(start=start, end=time.monotonic(), ttft=chunks[0] - start if chunks else None,
-                  gaps=[b - a for a, b in zip(chunks, chunks[1:])])
+                  gaps=[b - a for a, b in itertools.pairwise(chunks)])
 
 
 async def _sample_metrics(client, spec: LoadSpec, samples: list[dict], done: asyncio.Event) -> None:

