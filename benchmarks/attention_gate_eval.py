@@ -5,7 +5,8 @@ StreamingLLM, H2O and SnapKV at the achieved ratio (through the evaluation harne
 
 Writes under --out: heldout_ratio.json (per source: the fraction of KV pairs the cache evicted on held-out
 documents, and the in-context perplexity with and without the gates), overhead.json (prefill and decode time with
-and without the gates, and the gates alone), eval/ (the harness's sweep: summary.csv, summary.md, per-run files)
+and without the gates, and the gates alone), train_step.json (ms per training step, before and after the fused
+flagged attention and bfloat16 autocast), eval/ (the harness's sweep: summary.csv, summary.md, per-run files)
 and summary.md.
 """
 
@@ -59,30 +60,35 @@ def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: 
 
 
 def overhead(model, tok, gates_dir: Path, length: int, decode: int, repeats: int) -> dict:
-    """Seconds for a prefill of `length` tokens and ms per decoded token, full cache vs attention-gate, and the
-    gates alone on the same hidden states."""
+    """Seconds for a prefill of `length` tokens and ms per decoded token, full cache vs attention-gate (runs
+    alternated, so both see the same load on a shared machine; medians, wall clock and this process's CPU time),
+    and the gates alone on the same hidden states."""
+    import statistics
+
     text = " ".join(t for _, t in kvevict.data.essays())
     ids = tok(text, return_tensors="pt").input_ids[:, :length]
 
     def run(policy_name):
-        best_prefill, best_decode = float("inf"), float("inf")
-        for _ in range(repeats):
-            policy = kvevict.make_policy(policy_name, **({"gates": str(gates_dir)} if policy_name != "full" else {}))
-            cache = kvevict.EvictingCache(model, policy)
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                out = model(input_ids=ids, **cache_kwargs(cache))
-                t1 = time.perf_counter()
-                nxt = out.logits[:, -1:].argmax(-1)
-                for _ in range(decode):
-                    nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
-                t2 = time.perf_counter()
-            best_prefill = min(best_prefill, t1 - t0)
-            best_decode = min(best_decode, (t2 - t1) / decode)
-        return best_prefill, best_decode
+        policy = kvevict.make_policy(policy_name, **({"gates": str(gates_dir)} if policy_name != "full" else {}))
+        cache = kvevict.EvictingCache(model, policy)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, **cache_kwargs(cache))
+            t1 = time.perf_counter()
+            nxt = out.logits[:, -1:].argmax(-1)
+            nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)  # first step: warm-up
+            t2, c2 = time.perf_counter(), time.process_time()
+            for _ in range(decode):
+                nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            t3, c3 = time.perf_counter(), time.process_time()
+        return t1 - t0, (t3 - t2) / decode, (c3 - c2) / decode
 
-    full = run("full")
-    gated = run("attention-gate")
+    runs = {"full": [], "attention-gate": []}
+    for _ in range(repeats):
+        for name, rows in runs.items():
+            rows.append(run(name))
+    median = {name: [statistics.median(r[i] for r in rows) for i in range(3)] for name, rows in runs.items()}
+    full, gated = median["full"], median["attention-gate"]
     config, gates, _ = load_attention_gates(gates_dir, model)
     hidden = torch.randn(1, length, model.config.hidden_size)
     best = float("inf")
@@ -96,10 +102,60 @@ def overhead(model, tok, gates_dir: Path, length: int, decode: int, repeats: int
     return {"length": length, "decode_tokens": decode, "repeats": repeats,
             "prefill_s": {"full": full[0], "attention-gate": gated[0]},
             "decode_ms_per_token": {"full": 1e3 * full[1], "attention-gate": 1e3 * gated[1]},
+            "decode_cpu_ms_per_token": {"full": 1e3 * full[2], "attention-gate": 1e3 * gated[2]},
+            "decode_ratio": gated[1] / full[1], "decode_cpu_ratio": gated[2] / full[2],
+            "decode_ms_per_token_each_run": {name: [1e3 * r[1] for r in rows] for name, rows in runs.items()},
             "gates_alone_prefill_s": best, "gate_parameters": params,
             "model_parameters": sum(p.numel() for p in model.parameters()),
             "gate_state_bytes_per_row": len(gates) * (config.window - 1) * config.heads * config.head_dim * 2 * 4,
             "threads": torch.get_num_threads()}
+
+
+def train_step(model, tok, gates_dir: Path, batch: int, seq_len: int, repeats: int) -> dict:
+    """ms per Attention-Gate training step (forward, backward, optimizer), the variants alternated step by step:
+    the flagged attention written out ("eager", the implementation before the fused one) or fused (SDPA forward,
+    blocked backward), the model's products in float32 or under bfloat16 autocast."""
+    import statistics
+
+    from transformers import AttentionInterface
+
+    from kvevict.gates import attention_gate as ag
+    from kvevict.train.attention_gate import gated_step
+
+    config, _, _ = load_attention_gates(gates_dir, model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = ag.build_gates(model, config, seed=0).train()
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=1e-4)
+    text = " ".join(t for _, t in kvevict.data.essays())
+    ids = tok(text, return_tensors="pt").input_ids[0, : batch * seq_len].view(batch, seq_len)
+    variants = {"eager attention, float32 (before)": (ag.flagged_attention_eager, "none"),
+                "fused attention, float32": (ag.flagged_attention, "none"),
+                "fused attention, bfloat16 autocast (after)": (ag.flagged_attention, "bfloat16")}
+    ag.register_training_attention()
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
+    try:
+        for rep in range(repeats + 1):  # the first round warms up
+            for name, (attention, autocast) in variants.items():
+                AttentionInterface.register(ag.TRAINING_ATTENTION, attention)
+                t0, c0 = time.perf_counter(), time.process_time()
+                result = gated_step(model, gates, config, ids, seq_len // 4, config.target_ratio, 10.0,
+                                    autocast=autocast)
+                optimizer.zero_grad(set_to_none=True)
+                result["loss"].backward()
+                optimizer.step()
+                if rep:
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+    finally:
+        AttentionInterface.register(ag.TRAINING_ATTENTION, ag.flagged_attention)
+    before = statistics.median(wall["eager attention, float32 (before)"])
+    return {"batch": batch, "seq_len": seq_len, "repeats": repeats, "threads": torch.get_num_threads(),
+            "ms_per_step": {n: 1e3 * statistics.median(t) for n, t in wall.items()},
+            "cpu_ms_per_step": {n: 1e3 * statistics.median(t) for n, t in cpu.items()},
+            "speedup": {n: before / statistics.median(t) for n, t in wall.items()},
+            "ms_each_step": {n: [round(1e3 * x) for x in t] for n, t in wall.items()}}
 
 
 def write_summary(out: Path) -> str:
@@ -118,16 +174,26 @@ def write_summary(out: Path) -> str:
         lines += [f"| all | {held['evicted']:.3f} | | | |", ""]
     if (out / "overhead.json").is_file():
         o = json.loads((out / "overhead.json").read_text())
-        lines += [f"## Runtime ({o['length']}-token prefill, {o['decode_tokens']} decoded tokens, best of "
-                  f"{o['repeats']}, {o['threads']} threads)", "",
+        lines += [(f"## Runtime ({o['length']}-token prefill, {o['decode_tokens']} decoded tokens, median of "
+                   f"{o['repeats']} alternated runs, {o['threads']} threads)"), "",
                   "| | full cache | attention-gate |", "|---|---:|---:|",
                   f"| prefill (s) | {o['prefill_s']['full']:.2f} | {o['prefill_s']['attention-gate']:.2f} |",
-                  f"| decode (ms/token) | {o['decode_ms_per_token']['full']:.1f} | "
-                  f"{o['decode_ms_per_token']['attention-gate']:.1f} |", "",
-                  f"The gates alone on {o['length']} tokens (all layers): {o['gates_alone_prefill_s']:.2f} s. "
-                  f"Gate parameters: {o['gate_parameters']:,} ({100 * o['gate_parameters'] / o['model_parameters']:.2f}% "
-                  f"of the model); gate state while decoding: {o['gate_state_bytes_per_row'] / 2**20:.2f} MiB per "
-                  "batch row.", ""]
+                  (f"| decode (ms/token) | {o['decode_ms_per_token']['full']:.1f} | "
+                   f"{o['decode_ms_per_token']['attention-gate']:.1f} ({o['decode_ratio']:.2f}x) |"),
+                  (f"| decode, CPU time (ms/token) | {o['decode_cpu_ms_per_token']['full']:.1f} | "
+                   f"{o['decode_cpu_ms_per_token']['attention-gate']:.1f} ({o['decode_cpu_ratio']:.2f}x) |"), "",
+                  (f"The gates alone on {o['length']} tokens (all layers): {o['gates_alone_prefill_s']:.2f} s. "
+                   f"Gate parameters: {o['gate_parameters']:,} "
+                   f"({100 * o['gate_parameters'] / o['model_parameters']:.2f}% of the model); gate state while "
+                   f"decoding: {o['gate_state_bytes_per_row'] / 2**20:.2f} MiB per batch row."), ""]
+    if (out / "train_step.json").is_file():
+        t = json.loads((out / "train_step.json").read_text())
+        lines += [(f"## Training step ({t['batch']} x {t['seq_len']} tokens, median of {t['repeats']}, variants "
+                   f"alternated, {t['threads']} threads)"), "",
+                  "| implementation | ms per step | CPU ms per step | speed-up |", "|---|---:|---:|---:|"]
+        for name, ms in t["ms_per_step"].items():
+            lines.append(f"| {name} | {ms:,.0f} | {t['cpu_ms_per_step'][name]:,.0f} | {t['speedup'][name]:.2f}x |")
+        lines.append("")
     summary = out / "eval" / "summary.csv"
     if summary.is_file():
         with open(summary) as f:
@@ -159,9 +225,14 @@ def main() -> None:
     parser.add_argument("--tasks", default="fidelity,niah_single")
     parser.add_argument("--baselines", default="streamingllm,h2o,snapkv")
     parser.add_argument("--ratio", type=float, help="ratio for the comparison (default: achieved on held-out text)")
-    parser.add_argument("--overhead-repeats", type=int, default=2)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: heldout, overhead, eval")
+    parser.add_argument("--overhead-repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--step-repeats", type=int, default=3, help="training steps per variant (train-step part)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: heldout, overhead, train-step, eval")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -174,11 +245,18 @@ def main() -> None:
         held["seconds"] = time.perf_counter() - t0
         (out / "heldout_ratio.json").write_text(json.dumps(held, indent=2))
         print(json.dumps(held, indent=2))
-    held = json.loads((out / "heldout_ratio.json").read_text())
     if "overhead" not in skip:
-        over = overhead(model, tok, gates_dir, 2048, 16, args.overhead_repeats)
+        over = overhead(model, tok, gates_dir, 2048, args.decode_tokens, args.overhead_repeats)
         (out / "overhead.json").write_text(json.dumps(over, indent=2))
         print(json.dumps(over, indent=2))
+    if "train-step" not in skip:
+        steps = train_step(model, tok, gates_dir, 2, 256, args.step_repeats)
+        (out / "train_step.json").write_text(json.dumps(steps, indent=2))
+        print(json.dumps(steps, indent=2))
+    if "eval" in skip:
+        print(write_summary(out))
+        return
+    held = json.loads((out / "heldout_ratio.json").read_text())
     ratio = args.ratio if args.ratio is not None else round(held["evicted"], 2)
     if "eval" not in skip:
         cfg = EvalConfig(model=args.model, policies=["attention-gate", *args.baselines.split(",")], ratios=[0.0, ratio],

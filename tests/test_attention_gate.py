@@ -17,8 +17,10 @@ from kvevict.gates.attention_gate import (
     FlagRecord,
     GateConfig,
     GateState,
+    _FlaggedAttention,
     build_gates,
     flagged_attention,
+    flagged_attention_eager,
     flagged_forward,
     gated_layers,
     local_attention,
@@ -26,7 +28,13 @@ from kvevict.gates.attention_gate import (
 )
 from kvevict.gates.checkpoint import SHIPPED
 from kvevict.models import tiny_model
-from kvevict.train.attention_gate import Corpus, TrainConfig, eviction_loss, gated_step, train
+from kvevict.train.attention_gate import (
+    Corpus,
+    TrainConfig,
+    eviction_loss,
+    gated_step,
+    train,
+)
 
 from .conftest import left_padded_batch
 
@@ -103,6 +111,27 @@ def test_gate_state_carries_context_across_forwards():
     assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
 
 
+def test_one_token_fast_path_matches_the_general_gate():
+    """Decoding's gate step (fused q/k/v, bias by window slot) against the general forward, padding included, and
+    after an in-place parameter update (its fused weights are rebuilt)."""
+    model = tiny_model("llama")
+    gate = spread_gates(model)["0"]
+    hidden = torch.randn(2, 12, model.config.hidden_size)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :9] = False  # a left-padded row: its window is mostly padding
+    _, state = gate(hidden[:, :11], valid[:, :11])
+    for _ in range(2):
+        fast = gate._next_token(hidden[:, 11:], valid[:, 11:], state)
+        general = gate._forward(hidden[:, 11:], valid[:, 11:], state)
+        assert torch.allclose(fast[0], general[0], atol=1e-6)
+        for a, b in zip((fast[1].keys, fast[1].values, fast[1].valid), (general[1].keys, general[1].values,
+                                                                          general[1].valid)):
+            assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, atol=1e-6)
+        with torch.no_grad():
+            gate.k.weight.mul_(1.5)
+            gate.distance_bias.add_(0.3)
+
+
 def test_gemma3_gates_only_global_layers():
     model = tiny_model("gemma3")
     kinds = model.config.layer_types
@@ -139,6 +168,50 @@ def test_flagged_attention_equals_attention_with_flagged_keys_masked(window):
     assert torch.allclose(out, want, atol=1e-5)
     out.sum().backward()  # the straight-through flags pass a gradient to the probabilities
     assert prob.grad is not None and prob.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("window,block", [(None, 1 << 17), (None, 40), (5, 40), (7, 1)])
+def test_fused_flagged_attention_matches_the_eager_reference(window, block, monkeypatch):
+    """SDPA forward + blocked hand-written backward: the same value and gradients (q, k, v, and the flags' STE)."""
+    monkeypatch.setattr(_FlaggedAttention, "BLOCK_ELEMENTS", block)  # small blocks: many blocks of rows
+    g = torch.Generator().manual_seed(3)
+    B, H, G, T, d = 2, 2, 3, 13, 8
+    inputs = [torch.randn(B, H * G, T, d, generator=g), torch.randn(B, H, T, d, generator=g),
+              torch.randn(B, H, T, d, generator=g), torch.rand(B, T, H, generator=g)]
+    hard = (torch.rand(B, T, H, generator=g) > 0.5).float()
+    weight = torch.randn(B, T, H * G, d, generator=g)
+    results = []
+    for attend in (flagged_attention, flagged_attention_eager):
+        q, k, v, prob = (t.clone().requires_grad_() for t in inputs)
+        token = _FLAGS.set({0: FlagRecord(prob, hard + prob - prob.detach(), torch.ones(T, dtype=torch.bool))})
+        try:
+            out, _ = attend(SimpleNamespace(layer_idx=0, sliding_window=window), q, k, v, None, scaling=0.4)
+        finally:
+            _FLAGS.reset(token)
+        (out * weight).sum().backward()
+        results.append((out, q.grad, k.grad, v.grad, prob.grad))
+    for name, fused, eager in zip(("out", "q", "k", "v", "prob"), *results):
+        assert eager.abs().max() > 0.1, name  # the comparison is not between zeros
+        assert torch.allclose(fused, eager, atol=1e-5, rtol=1e-5), name
+
+
+def test_training_step_under_autocast_keeps_gates_in_float32():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = spread_gates(model)
+    ids, _ = left_padded_batch((32, 32), seed=7)
+    plain = gated_step(model, gates, CONFIG, ids, 8, 0.5, 1.0)
+    fast = gated_step(model, gates, CONFIG, ids, 8, 0.5, 1.0, autocast="bfloat16")
+    fast["loss"].backward()
+    assert all(p.grad is not None for p in gates.parameters())
+    hidden = torch.randn(2, 20, model.config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast, _ = gates["0"](hidden)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, gates["0"](hidden)[0])
+    assert abs(fast["lm"].item() - plain["lm"].item()) < 0.05 * plain["lm"].item()  # bf16 products, same loss
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast="int8").validate()
 
 
 # ---------------------------------------------------------------------------------------------- the cache path
@@ -259,6 +332,8 @@ def test_training_writes_gates_and_resumes_to_the_same_result(tmp_path):
     meta = json.loads((tmp_path / "gates.json").read_text())
     assert meta["kind"] == "attention-gate" and meta["model"]["model_type"] == "llama"
     assert meta["hyper"]["target_ratio"] == 0.5 and meta["training"]["tokens_seen"] == 4 * 2 * 48
+    report = (tmp_path / "TRAINING.md").read_text()  # written by the trainer: cost and the held-out curve
+    assert "4 steps x 2 windows x 48 tokens = 384 training tokens" in report and "| 4 | 384 |" in report
     first = (tmp_path / "gates.safetensors").read_bytes()
     # resume from the step-2 checkpoint: the same data and optimizer state give the same gates
     resumed = train(cfg, resume=True, model=model, corpus=corpus, progress=False)
@@ -293,10 +368,42 @@ def test_ratio_is_the_trained_target(saved):
         kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(folder), compression_ratio=0.8))
 
 
+def test_target_picks_among_shipped_gates_and_is_the_reported_ratio(tmp_path, monkeypatch):
+    from kvevict.gates import checkpoint
+
+    model = tiny_model("llama")  # name "tiny-llama"
+    shipped = tmp_path / "shipped"
+    for folder, ratio in (("tiny-llama", 0.5), ("tiny-llama-t0.75", 0.75)):
+        config = GateConfig(window=8, target_ratio=ratio)
+        save_attention_gates(shipped / "attention-gate" / folder, model, spread_gates(model, config), config)
+    monkeypatch.setattr(checkpoint, "SHIPPED", shipped)
+
+    def loaded(**params):
+        policy = kvevict.make_policy("attention-gate", **params)
+        state = kvevict.EvictingCache(model, policy).state
+        return policy.compression_ratio, state.config.target_ratio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loaded() == (0.5, 0.5)  # reported by the policy itself, before any model is seen
+        assert loaded(target=0.75) == (0.75, 0.75)
+        assert loaded(compression_ratio=0.75) == (0.75, 0.75)  # a declared ratio with shipped gates picks them
+    with pytest.warns(UserWarning, match="trained for 0.5"):
+        assert loaded(compression_ratio=0.9) == (0.9, 0.5)  # none shipped for it: the default gates
+    with pytest.raises(FileNotFoundError, match="shipped targets: 0.5, 0.75"):
+        loaded(target=0.9)
+    own = tmp_path / "own"
+    config = GateConfig(window=8, target_ratio=0.6)
+    save_attention_gates(own, model, spread_gates(model, config), config)
+    assert kvevict.make_policy("attention-gate", gates=str(own)).compression_ratio == 0.6
+    with pytest.raises(ValueError, match="target"):
+        kvevict.make_policy("attention-gate", gates=str(own), target=0.6)
+
+
 @pytest.mark.parametrize("params,name", [
     ({"budget": 64}, "budget"), ({"window": 16}, "window"), ({"tau": 1.5}, "tau"),
     ({"compression_ratio": 1.0}, "compression_ratio"), ({"sink_tokens": -1}, "sink_tokens"),
-    ({"allocation": "global"}, "allocation"),
+    ({"allocation": "global"}, "allocation"), ({"target": 1.0}, "target"),
 ])
 def test_bad_parameters(params, name):
     with pytest.raises(ValueError, match=name):

@@ -34,6 +34,7 @@ hidden states themselves.
 from __future__ import annotations
 
 import contextvars
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -125,6 +126,12 @@ class AttentionGate(nn.Module):
         hidden [B, T, D]: the layer's attention input; valid [B, T]: False for padding; state: what the
         previous forward left (None at the start of a sequence).
         """
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 under a model's autocast too
+            if hidden.shape[1] == 1 and state is not None and state.keys.shape[1] == self.config.window - 1:
+                return self._next_token(hidden, valid, state)
+            return self._forward(hidden, valid, state)
+
+    def _forward(self, hidden, valid, state):
         cfg = self.config
         B, T, _ = hidden.shape
         # unit-RMS input: attention inputs differ in scale by an order of magnitude across layers and models
@@ -147,6 +154,43 @@ class AttentionGate(nn.Module):
         keep = cfg.window - 1
         new_state = GateState(k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
         return torch.sigmoid(logits), new_state
+
+
+    def _next_token(self, hidden, valid, state):
+        """`_forward` for one token after a full window of context (decoding): the same math in a third of the
+        operations (q, k and v in one product, the window's distance bias read in slot order), since at one token
+        per forward the cost of the gate is the count of its operations, not their size."""
+        cfg = self.config
+        B = hidden.shape[0]
+        qkv_weight, bias_by_slot = self._decode_constants()
+        h = hidden.to(self.proj.weight.dtype)
+        x = F.linear(F.rms_norm(h, (h.shape[-1],)), self.proj.weight, self.proj.bias)  # [B, 1, proj]
+        qkv = F.linear(x, qkv_weight).view(B, 3, cfg.heads, cfg.head_dim)
+        q = F.rms_norm(qkv[:, :1], (cfg.head_dim,), self.q_norm)  # [B, 1, heads, head_dim]
+        k = F.rms_norm(qkv[:, 1:2], (cfg.head_dim,), self.k_norm)
+        keys = torch.cat([state.keys, k], dim=1)  # [B, window, heads, head_dim], oldest first
+        values = torch.cat([state.values, qkv[:, 2:]], dim=1)
+        if valid is None:
+            valid = torch.ones(B, 1, dtype=torch.bool, device=hidden.device)
+        key_valid = torch.cat([state.valid, valid], dim=1)  # [B, window]
+        logits = (keys * q).sum(-1).div_(math.sqrt(cfg.head_dim)).add_(bias_by_slot)  # [B, window, heads]
+        logits.masked_fill_(~key_valid.unsqueeze(-1), float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
+        attended = (probs.unsqueeze(-1) * values).sum(1)  # [B, heads, head_dim]
+        out = self.out(torch.cat([attended.view(B, 1, -1), x], dim=-1))
+        return torch.sigmoid(out), GateState(keys[:, 1:], values[:, 1:], key_valid[:, 1:])
+
+    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q; k; v] weights in one matrix, and the distance bias by window slot [window, heads] (slot s holds
+        distance window - 1 - s); rebuilt whenever a parameter changed in place (training)."""
+        version = (self.q.weight._version, self.k.weight._version, self.v.weight._version,
+                   self.distance_bias._version)
+        if getattr(self, "_decode_cache", (None,))[0] != version:
+            with torch.no_grad():
+                qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+                bias = self.distance_bias.flip(-1).t().contiguous()
+            self._decode_cache = (version, qkv, bias)
+        return self._decode_cache[1], self._decode_cache[2]
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
@@ -249,13 +293,52 @@ def load_attention_gates(directory, model) -> tuple[GateConfig, nn.ModuleDict, d
     return config, gates.eval(), meta
 
 
-def resolve_gates_dir(gates: str | Path | None, model) -> Path:
-    """The checkpoint folder: `gates` if given, else the gates shipped for the model's name."""
+DEFAULT_TARGET = 0.5  # the target ratio of the gates shipped in `checkpoints/attention-gate/<model>/`
+
+
+def shipped_targets(model_name: str) -> dict[float, Path]:
+    """{target ratio: folder} of the Attention-Gate checkpoints shipped for `model_name`: `<model>/` (trained for
+    DEFAULT_TARGET) and `<model>-t<ratio>/` for other targets, each ratio read from its gates.json."""
+    from .checkpoint import SHIPPED
+
+    found = {}
+    for folder in sorted((SHIPPED / KIND).glob(f"{model_name}*")):
+        if folder.name != model_name and not folder.name.startswith(f"{model_name}-t"):
+            continue
+        try:
+            meta = json.loads((folder / "gates.json").read_text())
+        except (OSError, ValueError):
+            continue  # not a checkpoint (read_gates names what is wrong with a damaged one when it is used)
+        found[float(meta["hyper"]["target_ratio"])] = folder
+    return found
+
+
+def resolve_gates_dir(gates: str | Path | None, model, target: float | None = None) -> Path:
+    """The checkpoint folder: `gates` if given, else the gates shipped for the model's name that were trained for
+    `target` (None: DEFAULT_TARGET's). FileNotFoundError naming the shipped targets when there are none for it."""
     if gates is not None:
         return Path(gates)
     from .checkpoint import shipped_gates
 
-    return shipped_gates(KIND, getattr(config_of(model), "name_or_path", "") or "")
+    name = getattr(config_of(model), "name_or_path", "") or ""
+    if target is None:
+        return shipped_gates(KIND, name)
+    shipped = shipped_targets(name)
+    for ratio, folder in shipped.items():
+        if abs(ratio - target) < 1e-6:
+            return folder
+    targets = ", ".join(f"{r:g}" for r in sorted(shipped)) or "none"
+    raise FileNotFoundError(f"no {KIND} gates trained for target={target:g} are shipped for {name!r} (shipped "
+                            f"targets: {targets}); train some with `kvevict train {KIND} --model {name} "
+                            f"--target-ratio {target:g} --out DIR` and pass gates=DIR")
+
+
+def checkpoint_target(folder: str | Path) -> float | None:
+    """The target ratio recorded in a checkpoint folder's gates.json (None if it cannot be read)."""
+    try:
+        return float(json.loads((Path(folder) / "gates.json").read_text())["hyper"]["target_ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def hard_flags(prob: torch.Tensor, tau: float) -> torch.Tensor:
@@ -331,9 +414,121 @@ def flagged_attention(module, query, key, value, attention_mask, scaling=None, d
     """Causal attention where each key j < i counts with weight flags[j] (its own position with weight 1).
 
     The value is exactly attention with the flagged keys masked (hard 0/1 flags); with straight-through flags the
-    gradient reaches the gate through a bounded estimate of each flag's effect (see the comment in the body).
-    Ignores `attention_mask`: flagged forwards run without padding. Sliding layers keep their window.
+    gradient reaches the gate through a bounded estimate of each flag's effect (see `_FlaggedAttention.backward`).
+    Ignores `attention_mask`: flagged forwards run without padding. Sliding layers keep their window. Runs SDPA's
+    fused kernel with a boolean mask (float32 inside, whatever the autocast); `flagged_attention_eager` is the same
+    math written out, used for logit soft-capping (which SDPA lacks) and as the reference in the tests.
     """
+    if kwargs.get("softcap") is not None:
+        return flagged_attention_eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    records = _FLAGS.get()
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    if key.shape[2] != T:
+        raise ValueError("flagged_attention runs a whole sequence at once (no cache): keys and queries must match")
+    scaling = d**-0.5 if scaling is None else scaling
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    record = None if records is None else records.get(module.layer_idx)
+    flags = None if record is None else record.flags.permute(0, 2, 1)  # [B, H, S]: value 0/1, gradient d/dp
+    with torch.autocast(query.device.type, enabled=False):
+        # query heads of a KV group side by side: [B, H, G, T, d] against [B, H, S, d]
+        q = query.float().reshape(B, H, Hq // H, T, d)
+        out = _FlaggedAttention.apply(q, key.float(), value.float(), flags, window, scaling)
+    return out.to(query.dtype).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
+
+
+def _allowed(rows: range, cols: range, window: int | None, device) -> torch.Tensor:
+    """[len(rows), len(cols)] bool: query position i may see key position j (causal, within `window` if any)."""
+    i = torch.arange(rows.start, rows.stop, device=device).view(-1, 1)
+    j = torch.arange(cols.start, cols.stop, device=device).view(1, -1)
+    allowed = i >= j
+    if window:
+        allowed &= i - j < window
+    return allowed
+
+
+def _visible(rows: range, cols: range, window: int | None, flags: torch.Tensor | None, device) -> torch.Tensor:
+    """[B or 1, H or 1, 1, len(rows), len(cols)] bool: allowed, and kept (flag 1) or the query's own position."""
+    allowed = _allowed(rows, cols, window, device)
+    if flags is None:
+        return allowed.view(1, 1, 1, *allowed.shape)
+    i = torch.arange(rows.start, rows.stop, device=device).view(-1, 1)
+    own = i == torch.arange(cols.start, cols.stop, device=device).view(1, -1)
+    kept = flags[..., cols.start : cols.stop].detach() > 0.5  # [B, H, len(cols)]
+    return (allowed & (own | kept.unsqueeze(2))).unsqueeze(2)
+
+
+class _FlaggedAttention(torch.autograd.Function):
+    """Masked attention by SDPA forward; a hand-written backward adds the straight-through gradient of the flags.
+
+    q [B, H, G, T, d] (the G query heads of each KV head), k, v [B, H, T, d], flags [B, H, T] or None, all float32;
+    returns [B, H, G, T, d]. Nothing of size T x T is kept for the backward, which recomputes the logits block by
+    block of queries, each block against the keys it may see only (causal: about half of T x T), small enough to
+    stay in the CPU's cache through the dozen elementwise passes the gradient takes.
+    """
+
+    BLOCK_ELEMENTS = 1 << 17  # [B, H, G, rows, keys] elements per block of the backward (512 KB in float32)
+
+    @staticmethod
+    def forward(ctx, q, k, v, flags, window, scaling):
+        B, H, G, T, d = q.shape
+        mask = _visible(range(T), range(T), window, flags, q.device).expand(B, H, G, T, T)
+        out = F.scaled_dot_product_attention(q.reshape(B, H, G * T, d), k, v, scale=scaling,
+                                             attn_mask=mask.reshape(B, H, G * T, T))
+        out = out.view(B, H, G, T, d)
+        ctx.save_for_backward(q, k, v, out, flags)
+        ctx.window, ctx.scaling = window, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, flags = ctx.saved_tensors
+        window, scaling = ctx.window, ctx.scaling
+        B, H, G, T, d = q.shape
+        want_flags = flags is not None and ctx.needs_input_grad[3]
+        grad_q = torch.zeros_like(q)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_flags = torch.zeros_like(flags) if want_flags else None
+        # dL/dp_ij = g_i . v_j - g_i . out_i: the second term (the softmax's own) per query
+        own_term = (grad_out * out).sum(-1, keepdim=True)  # [B, H, G, T, 1]
+        rows_per_block = max(1, _FlaggedAttention.BLOCK_ELEMENTS // (B * H * G * T))
+        for start in range(0, T, rows_per_block):
+            rows = range(start, min(T, start + rows_per_block))
+            cols = range(max(0, start - window + 1) if window else 0, rows.stop)  # the keys these rows may see
+            n = len(rows)
+            qb = q[:, :, :, rows.start : rows.stop]  # [B, H, G, n, d]
+            kb, vb = k[:, :, None, cols.start : cols.stop], v[:, :, None, cols.start : cols.stop]  # [B, H, 1, m, d]
+            gb = grad_out[:, :, :, rows.start : rows.stop]
+            visible = _visible(rows, cols, window, flags, q.device)  # [B|1, H|1, 1, n, m]
+            shifted = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scaling)  # logits s_ij, then s_ij - lse_i
+            shifted -= torch.logsumexp(shifted.masked_fill(~visible, float("-inf")), dim=-1, keepdim=True)
+            probs = torch.exp(shifted).masked_fill_(~visible, 0.0)
+            grad_probs = torch.matmul(gb, vb.transpose(-1, -2)).sub_(own_term[:, :, :, rows.start : rows.stop])
+            grad_logits = probs * grad_probs
+            grad_q[:, :, :, rows.start : rows.stop] = torch.matmul(grad_logits, kb).mul_(scaling)
+            # key gradients summed over the G query heads of each KV head: fold G into the rows
+            folded = (B, H, G * n, len(cols))
+            grad_k[:, :, cols.start : cols.stop] += torch.matmul(
+                grad_logits.reshape(folded).transpose(-1, -2), qb.reshape(B, H, G * n, d)).mul_(scaling)
+            grad_v[:, :, cols.start : cols.stop] += torch.matmul(
+                probs.reshape(folded).transpose(-1, -2), gb.reshape(B, H, G * n, d))
+            if want_flags:
+                # Straight-through gradient, made finite: d out_i / d m_j = q_ij (v_j - out_i), where q_ij is the
+                # weight key j has among the visible keys plus itself. For a kept key that is the exact derivative
+                # (q = its probability: grad_logits); for a hidden key it is the exact effect of revealing it
+                # (q = sigmoid(s_ij - lse_i)), where the plain derivative of exp(s) * m / sum(exp(s) * m) at m = 0
+                # grows as exp(s_ij - max visible) and made training diverge. A query's own key carries no gradient.
+                revealed = torch.sigmoid_(shifted).mul_(grad_probs)
+                per_pair = torch.where(visible, grad_logits, revealed)
+                i = torch.arange(rows.start, rows.stop, device=q.device).view(-1, 1)
+                j = torch.arange(cols.start, cols.stop, device=q.device).view(1, -1)
+                no_flag = (i == j) | ~_allowed(rows, cols, window, q.device)
+                grad_flags[..., cols.start : cols.stop] += per_pair.masked_fill_(no_flag, 0.0).sum(dim=(2, 3))
+        return grad_q, grad_k, grad_v, grad_flags, None, None
+
+
+def flagged_attention_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`flagged_attention` written out with materialised [T, S] attention (same value and gradients)."""
     records = _FLAGS.get()
     B, Hq, T, d = query.shape
     H = key.shape[1]
@@ -346,11 +541,8 @@ def flagged_attention(module, query, key, value, attention_mask, scaling=None, d
     softcap = kwargs.get("softcap")
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    i = torch.arange(T, device=query.device)
-    allowed = i.view(-1, 1) >= i.view(1, -1)
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window:
-        allowed &= i.view(-1, 1) - i.view(1, -1) < window
+    allowed = _allowed(range(T), range(T), kwargs.get("sliding_window") or getattr(module, "sliding_window", None),
+                       query.device)
     logits = logits.masked_fill(~allowed, float("-inf"))
     record = None if records is None else records.get(module.layer_idx)
     v = value.float()
@@ -366,11 +558,7 @@ def flagged_attention(module, query, key, value, attention_mask, scaling=None, d
     out = torch.einsum("bhgts,bhsd->bhgtd", probs, v)  # exactly attention with the flagged keys masked
     delta = (flags - flags.detach()).unsqueeze(2).unsqueeze(3)  # [B, H, 1, 1, S]: value 0, carries d/dp
     if delta.requires_grad:
-        # Straight-through gradient, made finite: d out / d m_j = q_ij (v_j - out_i), where q_ij is the weight key j
-        # has among the visible keys plus itself. For a kept key that is the exact derivative (q = its probability);
-        # for a hidden key it is the exact effect of revealing it (q = sigmoid(s_ij - logsumexp of the visible)),
-        # where the plain derivative of exp(s) * m / sum(exp(s) * m) at m = 0 grows as exp(s_ij - max visible)
-        # and made training diverge.
+        # the straight-through term of _FlaggedAttention.backward, as a value-0 addition autograd differentiates
         with torch.no_grad():
             lse = torch.logsumexp(masked, dim=-1, keepdim=True)
             q = torch.where(visible, probs, torch.sigmoid(logits - lse)).masked_fill(own, 0.0)

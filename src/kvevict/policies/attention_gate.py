@@ -9,9 +9,11 @@ hidden from the next step on and leaves the storage at the next decode-time evic
 tokens).
 
 How much is evicted is an outcome of the trained gates, not a knob: the gates were trained toward a target ratio
-(recorded in their checkpoint). `compression_ratio` therefore only declares that target: left out, it is read
-from the checkpoint; given (as the evaluation harness does), it is taken as the target the gates were trained
-for, and a warning says so when it differs from the checkpoint's by more than 0.05.
+(recorded in their checkpoint). `target=` picks among the checkpoints shipped for the model by that ratio
+(default 0.5, shipped for every model with gates); `compression_ratio` only declares the target: left out, it
+is the target of the gates used (`policy.compression_ratio` reports it from `make_policy` on); given (as the
+evaluation harness does) without `target`, the shipped gates trained for that ratio are used if there are any,
+else the default ones, with a warning when their target differs by more than 0.05.
 
 Gates: `gates=DIR` loads a checkpoint made by `kvevict train attention-gate`; without it the gates shipped for
 the model's name are used. A checkpoint made for another model is refused (ValueError).
@@ -37,10 +39,20 @@ class AttentionGateState(PolicyState):
 
     def __init__(self, policy, geometry, tokenizer=None):
         super().__init__(policy, geometry, tokenizer)
-        from ..gates.attention_gate import load_attention_gates, resolve_gates_dir
+        from ..gates.attention_gate import (
+            load_attention_gates,
+            resolve_gates_dir,
+            shipped_targets,
+        )
         from ..gates.checkpoint import load_once
 
-        folder = resolve_gates_dir(policy.gates, geometry.model_config)
+        target = policy.target
+        if target is None and policy.gates is None:
+            # no target named: the shipped gates trained for the declared ratio, if any (else the default ones)
+            name = getattr(geometry.model_config, "name_or_path", "") or ""
+            if any(abs(r - (policy.compression_ratio or -1.0)) < 1e-6 for r in shipped_targets(name)):
+                target = policy.compression_ratio
+        folder = resolve_gates_dir(policy.gates, geometry.model_config, target)
         self.config, gates, self.meta = load_once("attention-gate", folder, geometry.model_config,
                                                   load_attention_gates)
         self.gates = gates.to(geometry.device)
@@ -54,6 +66,7 @@ class AttentionGateState(PolicyState):
         self.sink_tokens = self.config.sink_tokens if policy.sink_tokens is None else policy.sink_tokens
         self.gate_context: dict[int, object] = {}  # layer -> GateState (rolling gate context across forwards)
         self.pending: dict[int, torch.Tensor] = {}  # layer -> [B, H, T] flags of the forward under way
+        self.sinks_of: tuple = (None, None)  # (forward, [B, T, 1] bool: its sink tokens)
 
     @property
     def compression_ratio(self) -> float:
@@ -81,9 +94,10 @@ class AttentionGateState(PolicyState):
         with torch.no_grad():
             prob, self.gate_context[layer_idx] = self.gates[key](hidden_states, forward.valid,
                                                                  self.gate_context.get(layer_idx))
-        keep = prob >= self.tau  # [B, T, H]
-        sinks = forward.positions.view(1, T) < (forward.row_start.view(B, 1).clamp(min=0) + self.sink_tokens)
-        keep = keep | sinks.unsqueeze(-1)
+        if self.sinks_of[0] is not forward:  # the same for every layer of a forward: computed once
+            sinks = forward.positions.view(1, T) < (forward.row_start.view(B, 1).clamp(min=0) + self.sink_tokens)
+            self.sinks_of = (forward, sinks.unsqueeze(-1))
+        keep = (prob >= self.tau) | self.sinks_of[1]  # [B, T, H]
         self.pending[layer_idx] = keep.permute(0, 2, 1).float()
 
     def initial_stats(self, layer_idx, forward):
@@ -112,7 +126,8 @@ class AttentionGateState(PolicyState):
 class AttentionGatePolicy(Policy):
     """In-context eviction by trained Attention-Gate flags."""
 
-    compression_ratio: float | None = None  # None: the target the gates were trained for
+    compression_ratio: float | None = None  # None: the target the gates were trained for (set at construction)
+    target: float | None = None  # shipped gates trained for this ratio; None: for compression_ratio if shipped, else 0.5
     gates: str | None = None  # checkpoint folder; None = the gates shipped for the model
     tau: float | None = None  # keep threshold on the gate's probability; None = the checkpoint's
     sink_tokens: int | None = None  # first tokens always kept; None = the checkpoint's
@@ -121,10 +136,25 @@ class AttentionGatePolicy(Policy):
     name = "attention-gate"
     alters_forward = True
     State = AttentionGateState
-    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"compression_ratio", "tau", "sink_tokens"}
+    OPTIONAL_PARAMS: ClassVar[frozenset[str]] = Policy.OPTIONAL_PARAMS | {"compression_ratio", "target", "tau",
+                                                                          "sink_tokens"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.compression_ratio is None:
+            # the ratio the gates target: the named target, the checkpoint's, or that of the default shipped gates
+            from ..gates.attention_gate import DEFAULT_TARGET, checkpoint_target
+
+            ratio = self.target
+            if ratio is None:
+                ratio = DEFAULT_TARGET if self.gates is None else checkpoint_target(self.gates)
+            object.__setattr__(self, "compression_ratio", ratio)
 
     def validate(self) -> None:
         self._check_number("compression_ratio", 0.0, 1.0)
+        self._check_number("target", 0.0, 1.0)
+        if self.gates is not None and self.target is not None:
+            raise ValueError("target: picks among the shipped gates; with gates=DIR the checkpoint sets the target")
         if self.budget is not None:
             raise ValueError("budget: attention-gate keeps what its trained gates flag; it takes no token budget")
         if self.window:
