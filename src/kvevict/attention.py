@@ -203,6 +203,80 @@ def evicted_attention(
     return out.reshape(B, Hq, T, d).transpose(1, 2)
 
 
+_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Softmax attention over the union of two disjoint key sets from each set's (output, log-sum-exp): the
+    second set's share of the probability mass is sigmoid(lse_2 - lse_1)."""
+    (out_1, lse_1), (out_2, lse_2) = first, second
+    share = torch.sigmoid(lse_2 - lse_1).unsqueeze(-1)
+    return torch.lerp(out_1.float(), out_2.float(), share).to(out_1.dtype)
+
+
+def segment_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    seg_start: list[int],
+    seg_len: list[int],
+    scaling: float,
+) -> torch.Tensor:
+    """Attention read straight from a store's segments, no padded copy: queries [B, Hq, T, d] -> [B, T, Hq, d].
+
+    keys/values [rows, d] hold segment s = b * H + h at rows seg_start[s] .. + seg_len[s] (host ints, all > 0).
+    Layout it assumes (the caller checks it): every stored row is visible to every query, except that the newest
+    T rows of each segment are the queries' own tokens, in order (causal among themselves). With T = 1 that is
+    any decode step. For T > 1 the older rows and the new ones are two fused passes merged by their log-sum-exps.
+    """
+    B, Hq, T, d = queries.shape
+    S = len(seg_start)
+    H = S // B
+    G = Hq // H
+    out = queries.new_empty(B, T, Hq, d)
+    for s in range(S):
+        b, h = divmod(s, H)
+        start, length = seg_start[s], seg_len[s]
+        q = queries[b:b + 1, h * G:(h + 1) * G]  # [1, G, T, d]
+        k = keys[start:start + length].view(1, 1, length, d)
+        v = values[start:start + length].view(1, 1, length, d)
+        if T == 1:  # the group's queries side by side: [1, 1, G, d] over the segment
+            o = F.scaled_dot_product_attention(q.reshape(1, 1, G, d), k, v, scale=scaling).view(G, 1, d)
+        else:
+            past = length - T
+            k_new, v_new = k[:, :, past:].expand(1, G, T, d), v[:, :, past:].expand(1, G, T, d)
+            new = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_new, v_new, 0.0, True, scale=scaling)
+            if past == 0:
+                o = new[0][0]
+            else:
+                older = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q.reshape(1, 1, G * T, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scaling)
+                o = _merge((new[0][0], new[1][0]), (older[0][0, 0].view(G, T, d), older[1][0, 0].view(G, T)))
+        out[b, :, h * G:(h + 1) * G] = o.transpose(0, 1)
+    return out
+
+
+def segments_apply(store, query_positions: torch.Tensor, T: int) -> bool:
+    """Whether `segment_attention` computes exactly what the masked attention would over `store`'s view: every
+    segment non-empty; with T > 1 (CPU only), the newest T rows of every segment are the queries, older rows
+    precede them. Costs a look at the positions only when T > 1 (prefill chunks, KVzip's repeat passes)."""
+    if min(store.host_len, default=0) < T or T == 0:
+        return False
+    if T == 1:
+        return True
+    if not _FUSED_CPU or store.keys.device.type != "cpu":
+        return False
+    rows = torch.tensor([start + length - T for start, length in zip(store.host_start, store.host_len)],
+                        device=store.positions.device)
+    newest = store.positions[rows.view(-1, 1) + torch.arange(T, device=rows.device)]  # [S, T]
+    if not bool((newest == query_positions.to(newest.dtype)).all()):
+        return False
+    older = torch.tensor([n - T for n in store.host_len])
+    first = torch.tensor(store.host_start)
+    last_older = store.positions[(first + older - 1).clamp(min=0)][older > 0]  # rows are in position order
+    return not bool((last_older >= int(query_positions[0])).any())
+
+
 def kvevict_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers AttentionInterface entry point."""
     cache = active_cache()

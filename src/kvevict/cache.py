@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import evicted_attention
+from .attention import evicted_attention, segment_attention, segments_apply
 from .compat import CACHE_ARG, cache_kwargs
 from .contexts import EvictionContext, ForwardContext, Geometry, LayerContext
 from .hooks import HookedCache, install
@@ -217,6 +217,8 @@ class EvictingCache(Cache, HookedCache):
         if not (self.frozen or layer.is_sliding or self.state is None):
             stats = self.state.initial_stats(layer_idx, step.forward)
         view = layer.append(key_states, value_states, step, slack, stats)
+        if not view.materialized:  # attend() reads the store (or gathers the view) itself
+            return key_states[:, :, :0], value_states[:, :, :0]
         return view.keys, view.values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -255,6 +257,9 @@ class EvictingCache(Cache, HookedCache):
                             channel_prefix=state.channel_prefix)
 
     def attend(self, module, query, key, value, scaling, softcap=None) -> torch.Tensor:
+        """Attention of `query` over the layer's kept entries. `key`/`value` are what `update()` returned: the
+        layer's own view is read instead (the same entries), straight from the store where a per-segment kernel
+        applies (decoding with heads of different lengths, a chunk after earlier ones)."""
         layer = self.layers[module.layer_idx]
         view, step = layer.current_view, self._step
         scaling = module.head_dim**-0.5 if scaling is None else scaling
@@ -265,14 +270,21 @@ class EvictingCache(Cache, HookedCache):
         if layer.evictable and observer is not None:
             ctx = self._layer_context(layer, view, observer, step.forward.seen, step.forward.tokens_seen)
             visible = observer.key_visibility(module.layer_idx, ctx)
-        out = evicted_attention(
-            query, key, value, step.positions, view.positions, scaling,
-            sliding_window=layer.sliding_window, visible=visible, softcap=softcap,
-            heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots,
-        )
+        store, T = layer.store, query.shape[2]
+        per_segment = (softcap is None and visible is None and layer.sliding_window is None
+                       and ((T == 1 and not view.no_empty_slots) or (T > 1 and store.max_len > T))
+                       and segments_apply(store, step.positions, T))
+        if per_segment:
+            out = segment_attention(query, store.keys, store.values, store.host_start, store.host_len, scaling)
+        else:
+            out = evicted_attention(
+                query, view.keys, view.values, step.positions, view.positions, scaling,
+                sliding_window=layer.sliding_window, visible=visible, softcap=softcap,
+                heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots,
+            )
         if ctx is not None and observer.observes:
             B, Hq, T, d = query.shape
-            H = key.shape[1]
+            H = store.heads
             ctx.queries = query.reshape(B, H, Hq // H, T, d)
             ctx.query_positions, ctx.query_valid = step.positions, step.valid
             observer.observe(module.layer_idx, ctx)

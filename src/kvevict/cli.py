@@ -120,6 +120,18 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import BenchSpec, run
 
+    if args.compare:
+        from .bench.compare import ROWS, CompareSpec, compare, format_table
+
+        rows = [r for r in (args.rows or ",".join(ROWS)).split(",") if r]
+        unknown = sorted(set(rows) - set(ROWS))
+        if unknown:
+            raise ValueError(f"unknown --rows {unknown}; choose from {list(ROWS)}")
+        spec = CompareSpec(model=args.model, context=args.context, dtype=args.dtype, threads=args.threads,
+                           repeats=args.repeats, decode_tokens=args.decode_tokens, rows=rows)
+        print(format_table(compare(spec, out=Path(args.out) if args.out else None)))
+        return
+
     spec = BenchSpec(model=args.model, context=args.context, batch=args.batch, decode_tokens=args.decode_tokens,
                      dtype=args.dtype, device=args.device, threads=args.threads)
     run(spec, out=Path(args.out) if args.out else None)
@@ -239,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--compare", action="store_true",
+                   help="each overhead (profiling, scoring, gates, per-head decode) as a ratio to the plain path, "
+                        "in one process")
+    p.add_argument("--rows", help="with --compare: which overheads, comma-separated (default: all)")
+    p.add_argument("--repeats", type=int, default=2, help="with --compare: timings per row (the median is kept)")
     p.set_defaults(func=cmd_bench)
     targets = p.add_subparsers(dest="bench_target")
     q = targets.add_parser("serve", help="load a running server (loopback only): tokens/s, TTFT, ITL, peak requests")

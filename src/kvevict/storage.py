@@ -19,26 +19,45 @@ CUDA-graph-captured decode step needs (lengths live in tensors, never in Python 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
-@dataclass
 class PaddedView:
     """A transient [batch, kv_heads, max_len] view of a store, built one layer at a time for attention.
 
     `row_index[b, h, j]` is the storage row behind slot j (0 where the slot is empty) and `valid` says which
-    slots hold a token. Empty slots have position -1.
+    slots hold a token. Empty slots have position -1. When segments differ in capacity, `keys`/`values` are a
+    gather (a copy of the layer), made on first read only: a kernel that reads the segments in place never pays it.
     """
 
-    keys: torch.Tensor  # [B, H, L, d]
-    values: torch.Tensor  # [B, H, L, d]
-    positions: torch.Tensor  # [B, H, L] int32, -1 = empty slot
-    valid: torch.Tensor  # [B, H, L] bool
-    row_index: torch.Tensor  # [B, H, L] int64
-    no_empty_slots: bool = False  # every segment has exactly L rows
-    heads_aligned: bool = False  # every KV head of a row keeps the same positions
+    def __init__(self, keys, values, positions, valid, row_index, no_empty_slots=False, heads_aligned=False,
+                 gather=None):
+        self._keys, self._values, self._gather = keys, values, gather
+        self.positions = positions  # [B, H, L] int32, -1 = empty slot
+        self.valid = valid  # [B, H, L] bool
+        self.row_index = row_index  # [B, H, L] int64
+        self.no_empty_slots = no_empty_slots  # every segment has exactly L rows
+        self.heads_aligned = heads_aligned  # every KV head of a row keeps the same positions
+
+    @property
+    def materialized(self) -> bool:
+        """Whether keys/values exist already (reading them costs nothing more)."""
+        return self._gather is None
+
+    def _materialize(self) -> None:
+        if self._gather is not None:
+            self._keys, self._values = self._gather()
+            self._gather = None
+
+    @property
+    def keys(self) -> torch.Tensor:  # [B, H, L, d]
+        self._materialize()
+        return self._keys
+
+    @property
+    def values(self) -> torch.Tensor:  # [B, H, L, d]
+        self._materialize()
+        return self._values
 
 
 class LayerStore:
@@ -62,9 +81,12 @@ class LayerStore:
         self.equal_lengths = True  # all segments hold the same number of rows
         self.uniform_cap: int | None = 0  # common capacity when all segments have the same one
         self.heads_aligned = True  # every KV head of a batch row keeps the same positions
+        self.host_start: list[int] = [0] * segments  # seg_start and seg_len on the host, for per-segment kernels
+        self.host_len: list[int] = [0] * segments
 
     def _refresh_summaries(self) -> None:
         lengths, caps = self.seg_len, self.seg_cap
+        self.host_start, self.host_len = self.seg_start.tolist(), lengths.tolist()
         self.max_len = int(lengths.max()) if lengths.numel() else 0
         self.min_free = int((caps - lengths).min()) if lengths.numel() else 0
         self.equal_lengths = bool((lengths == lengths[0]).all()) if lengths.numel() else True
@@ -236,6 +258,7 @@ class LayerStore:
         if all_valid:
             self.max_len += T
             self.min_free -= T
+            self.host_len = [n + T for n in self.host_len]
         else:
             self._refresh_summaries()
 
@@ -264,16 +287,23 @@ class LayerStore:
                 inside = slot.view(1, -1) < self.seg_cap.view(-1, 1)
                 self._slot_rows = torch.where(inside, self.seg_start.view(-1, 1) + slot.view(1, -1), self.rows)
             row_index = self._slot_rows[:, :max_len]
-            keys, values, positions = self.keys[row_index], self.values[row_index], self.positions[row_index]
+            positions = self.positions[row_index]
+            keys = values = None
         valid = positions >= 0
+        flat_keys, flat_values = self.keys, self.values
+
+        def gather():
+            return (flat_keys[row_index].view(B, H, max_len, d), flat_values[row_index].view(B, H, max_len, d))
+
         return PaddedView(
-            keys=keys.reshape(B, H, max_len, d),
-            values=values.reshape(B, H, max_len, d),
+            keys=None if keys is None else keys.reshape(B, H, max_len, d),
+            values=None if values is None else values.reshape(B, H, max_len, d),
             positions=positions.reshape(B, H, max_len),
             valid=valid.view(B, H, max_len),
             row_index=row_index.view(B, H, max_len),
             no_empty_slots=self.equal_lengths,
             heads_aligned=self.heads_aligned,
+            gather=gather if keys is None else None,
         )
 
     def gather_stat(self, name: str, view: PaddedView) -> torch.Tensor:
@@ -284,9 +314,15 @@ class LayerStore:
     def add_stat(self, name: str, view: PaddedView, amount: torch.Tensor) -> None:
         """channel[row] += amount[b, h, j] for every valid slot of `view`."""
         channel = self.stat_channel(name)
-        channel.index_add_(0, view.row_index[view.valid], amount[view.valid].to(channel.dtype))
+        if view.no_empty_slots:  # every slot holds a row: no boolean selection (a copy and a sync) needed
+            channel.index_add_(0, view.row_index.reshape(-1), amount.reshape(-1).to(channel.dtype))
+        else:
+            channel.index_add_(0, view.row_index[view.valid], amount[view.valid].to(channel.dtype))
 
     def set_stat(self, name: str, view: PaddedView, value: torch.Tensor) -> None:
         """channel[row] = value[b, h, j] for every valid slot of `view`."""
         channel = self.stat_channel(name)
-        channel.index_copy_(0, view.row_index[view.valid], value[view.valid].to(channel.dtype))
+        if view.no_empty_slots:
+            channel.index_copy_(0, view.row_index.reshape(-1), value.reshape(-1).to(channel.dtype))
+        else:
+            channel.index_copy_(0, view.row_index[view.valid], value[view.valid].to(channel.dtype))

@@ -207,10 +207,17 @@ def add_recovered_mass(mass, probs, query_positions, key_kinds, key_positions, c
                        frequent_ratio: float, sink_tokens: int, window: int) -> None:
     """Add the `recovered_mass` of every row of probs [B, H, t, L] to mass [B, H, 5], _ROW_BLOCK rows at a time
     (bounds the per-row intermediates on long prompts)."""
+    order = frequency_order(cumulative, key_positions)  # the same for every block of rows
     for start in range(0, probs.shape[2], _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
         mass += recovered_mass(probs[:, :, rows], query_positions[:, rows], key_kinds, key_positions, cumulative,
-                               local_window, frequent_ratio, sink_tokens, window)
+                               local_window, frequent_ratio, sink_tokens, window, order=order)
+
+
+def frequency_order(cumulative: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Slots in decreasing cumulative attention, empty slots last (stable: ties go to the earlier slot): [B, H, L]."""
+    scores = cumulative.float().masked_fill(key_positions < 0, float("-inf"))
+    return scores.argsort(dim=-1, descending=True, stable=True)
 
 
 def recovered_mass(
@@ -223,6 +230,7 @@ def recovered_mass(
     frequent_ratio: float,
     sink_tokens: int,
     window: int,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass each candidate keeps, summed over a block of query rows: [B, H, 5] (float64).
 
@@ -238,7 +246,8 @@ def recovered_mass(
     distance = q_pos - key_pos
     # frequent: per row, the first ceil(frequent_ratio * visible) visible keys in decreasing cumulative attention
     # (stable order: ties go to the earlier slot, as in the eviction's top-k)
-    order = cumulative.float().masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    if order is None:
+        order = frequency_order(cumulative, key_positions)
     order_rows = order.unsqueeze(2).expand(B, H, t, L)
     visible_sorted = visible.gather(-1, order_rows)
     rank = visible_sorted.float().cumsum(-1)  # 1-based rank among the row's visible keys (exact below 2**24)

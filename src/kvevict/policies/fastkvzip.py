@@ -17,6 +17,7 @@ A checkpoint made for another model is refused.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +44,7 @@ class FastKVzipState(PolicyState):
             raise ValueError(f"gate checkpoint {folder} records no target_ratio in gates.json: "
                              "give compression_ratio or budget")
         self.pending: dict[int, torch.Tensor] = {}
+        self.gate_seconds = 0.0  # wall time spent in the gates (what `python -m kvevict.bench --compare` reports)
 
     @property
     def compression_ratio(self) -> float:
@@ -58,8 +60,10 @@ class FastKVzipState(PolicyState):
         gate = self.gates[str(layer_idx)] if str(layer_idx) in self.gates else None
         if gate is None:
             return
+        started = time.perf_counter()
         with torch.no_grad():
             self.pending[layer_idx] = gate(hidden_states.float()).transpose(1, 2)  # [B, H, T]
+        self.gate_seconds += time.perf_counter() - started
 
     def initial_stats(self, layer_idx, forward):
         scores = self.pending.pop(layer_idx, None)

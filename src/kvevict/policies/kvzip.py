@@ -9,9 +9,10 @@ forward pass (removed from the cache afterwards) over a repeat prompt:
 In every layer the repeat queries' attention is taken with a softmax over [protected prefix keys; the chunk's
 keys; the repeat tokens' own keys (causal)], and a key's score is the maximum over the repeat positions and the
 query heads of its GQA group. One threshold over all layers and heads (`allocation="global"`) keeps the top
-(1 - ratio). Cost: a repeat pass over the whole context whose queries attend to all of it, plus the scoring
-softmax - about 2x the prefill in the paper (GPU); far more on CPU for small models, where attention dominates
-(docs/BENCHMARKS.md).
+(1 - ratio). Cost: a repeat pass over the whole context whose queries attend to all of it (the forward must see
+the context to reconstruct it), plus the scoring, which builds only the chunk's columns of the attention map
+(`repeat_scores`) - about 2x the prefill in the paper (GPU); more on CPU for small models, where attention
+dominates (docs/BENCHMARKS.md).
 
 Choices where the paper leaves room (parameters): the protected prefix is the chat template's opening (system
 turn) when the context starts with it, and at least `sink_tokens`; tokens decoded later are scored by the same
@@ -24,13 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import allowed_keys
 from ..chat import has_template, user_turn
 from .base import Policy, PolicyState
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 _QUERY_BLOCK = 256
+_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 _MARKER = "\x00USER\x00"
@@ -78,22 +79,10 @@ class KVzipState(PolicyState):
         if self.probe is None:
             return
         start, stop, repeat_start = self.probe
-        kpos = ctx.view.positions.long()
-        # keys the scoring softmax runs over: protected prefix, this chunk, the repeat tokens themselves
+        kpos = ctx.view.positions
         in_chunk = (kpos >= start) & (kpos < stop)
-        subset = (kpos >= 0) & ((kpos < self.protected) | in_chunk | (kpos >= repeat_start))
-        best = torch.full(kpos.shape, float("-inf"), dtype=torch.float32, device=kpos.device)
-        q = ctx.queries.float()
-        keys = ctx.view.keys.float()
-        for b0 in range(0, q.shape[3], _QUERY_BLOCK):
-            qb, pos = q[..., b0:b0 + _QUERY_BLOCK, :], ctx.query_positions[b0:b0 + _QUERY_BLOCK]
-            logits = torch.einsum("bhgtd,bhld->bhgtl", qb, keys).mul_(ctx.scaling)
-            visible = allowed_keys(pos, ctx.view.positions) & subset.unsqueeze(2)
-            logits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
-            # max_t softmax_t(j) = exp(max_t (logit_tj - logsumexp_t)): no full softmax needed
-            logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-            best = torch.maximum(best, logits.amax(dim=(2, 3)))
-        scores = best.exp()
+        scores = repeat_scores(ctx.queries, ctx.view.keys, kpos, ctx.query_positions, ctx.scaling, self.protected,
+                               (start, stop), repeat_start)
         ctx.set_stat("kvzip", torch.where(in_chunk, scores, ctx.stat("kvzip")))
 
     # ------------------------------------------------------------------ scoring passes
@@ -153,3 +142,88 @@ class KVzipPolicy(Policy):
         super().validate()
         self._check_count("chunk_size", minimum=16)
         self._check_count("prompt_overlap")
+
+
+def _slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots where mask [B, H, L] is True, in slot order, padded per head: (index [B, H, C], filled [B, H, C])."""
+    count = mask.sum(-1)
+    width = int(count.max()) if count.numel() else 0
+    index = torch.argsort((~mask).to(torch.uint8), dim=-1, stable=True)[..., :width]
+    return index, torch.arange(width, device=mask.device) < count.unsqueeze(-1)
+
+
+def _causal_lse(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """log-sum-exp over keys j <= t of scale * q_t.k_j: queries [B, H, G, T, d], keys [B, H, T, d] -> [B, H, G, T].
+
+    The fused CPU kernel never stores the T x T map; elsewhere the map is built a block of rows at a time."""
+    B, H, G, T, d = queries.shape
+    if queries.device.type == "cpu" and _FUSED_CPU:
+        q = queries.reshape(B, H * G, T, d)
+        k = keys.repeat_interleave(G, dim=1)
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, True, scale=scale)[:2]
+        return lse.view(B, H, G, T)
+    out = torch.empty(B, H, G, T, dtype=torch.float32, device=queries.device)
+    rows = torch.arange(T, device=queries.device)
+    for b0 in range(0, T, _QUERY_BLOCK):
+        b1 = min(T, b0 + _QUERY_BLOCK)
+        logits = torch.einsum("bhgtd,bhld->bhgtl", queries[..., b0:b1, :], keys[:, :, :b1]).mul_(scale)
+        logits.masked_fill_(rows[:b1].view(1, -1) > rows[b0:b1].view(-1, 1), float("-inf"))
+        out[..., b0:b1] = torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def repeat_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    scale: float,
+    protected: int,
+    chunk: tuple[int, int],
+    repeat_start: int,
+) -> torch.Tensor:
+    """KVzip's score of every chunk key: max over the repeat queries and the G heads of a group of the attention
+    probability, the softmax running over [protected prefix; chunk; repeat tokens (causal)] only: [B, H, L] fp32
+    (values outside the chunk are meaningless).
+
+    queries [B, H, G, T, d] are the repeat tokens (positions [T], from `repeat_start`), keys [B, H, L, d] the
+    layer's view with key_positions [B, H, L] (-1 = empty slot). Only the chunk's columns of the map are built, a
+    block of rows at a time; the repeat tokens' share of each row's normaliser comes from a fused causal kernel.
+    max_t softmax_t(j) = exp(max_t (logit_tj - lse_t)), so no probability map is needed either.
+    """
+    B, H, G, T, d = queries.shape
+    start, stop = chunk
+    q = queries.float()
+    context = (key_positions >= 0) & ((key_positions < protected) | ((key_positions >= start) & (key_positions < stop)))
+    repeat = key_positions >= repeat_start
+    rep_index, rep_filled = _slots(repeat)
+    rep_keys = keys.gather(2, rep_index.unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    rep_pos = key_positions.gather(2, rep_index)
+    if bool(rep_filled.all()) and rep_pos.shape[-1] == T and bool((rep_pos == query_positions.view(1, 1, -1)).all()):
+        rep_lse = _causal_lse(q, rep_keys, scale)
+    else:  # not the layout a replay leaves (every head holding all repeat tokens): mask by positions
+        visible = rep_filled.unsqueeze(2) & (rep_pos.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
+        logits = torch.einsum("bhgtd,bhld->bhgtl", q, rep_keys).mul_(scale)
+        rep_lse = logits.masked_fill_(~visible.unsqueeze(2), float("-inf")).logsumexp(-1)
+    ctx_index, ctx_filled = _slots(context)
+    ctx_keys = keys.gather(2, ctx_index.unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    C = ctx_index.shape[-1]
+    all_filled = bool(ctx_filled.all())
+    if all_filled and queries.device.type == "cpu" and _FUSED_CPU:  # the group's queries side by side, no mask
+        _, ctx_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.reshape(B, H, G * T, d), ctx_keys, ctx_keys, 0.0, False, scale=scale)[:2]
+        lse = torch.logaddexp(ctx_lse.view(B, H, G, T), rep_lse)
+    else:
+        lse = None
+    best = torch.full(ctx_index.shape, float("-inf"), device=keys.device)
+    rows = max(16, 2**24 // max(1, B * H * G * C))  # about 64 MiB of logits per block
+    keys_t = ctx_keys.transpose(-1, -2).unsqueeze(2)  # [B, H, 1, d, C]
+    for b0 in range(0, T, rows):
+        logits = torch.matmul(q[..., b0:b0 + rows, :], keys_t).mul_(scale)  # [B, H, G, t, C]
+        if not all_filled:
+            logits.masked_fill_(~ctx_filled[:, :, None, None, :], float("-inf"))
+        block_lse = lse[..., b0:b0 + rows] if lse is not None else torch.logaddexp(
+            torch.logsumexp(logits, dim=-1), rep_lse[..., b0:b0 + rows])
+        best = torch.maximum(best, logits.sub_(block_lse.unsqueeze(-1)).amax(dim=(2, 3)))
+    out = torch.zeros(key_positions.shape, dtype=torch.float32, device=keys.device)
+    return out.scatter_(-1, ctx_index, torch.where(ctx_filled, best.exp(), 0.0))
