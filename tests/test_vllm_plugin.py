@@ -217,5 +217,43 @@ def test_platform_hook_turns_the_plugin_on_only_when_configured():
     assert compat.WORKER.rsplit(".", 1)[0] == "kvevict.vllm.worker"
 
 
+def test_bad_request_settings_fail_at_admission_not_in_the_engine():
+    """`configure` adds SettingsCheck to the logits processors; vLLM calls its validate_params on every request
+    before the engine sees it, and turns the ValueError into a client error."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    import kvevict.vllm
+    from kvevict.vllm import compat
+    from kvevict.vllm.admission import SettingsCheck
+
+    config = SimpleNamespace(
+        additional_config={"kvevict": {"policy": "snapkv", "compression_ratio": 0.75}},
+        speculative_config=None, model_config=SimpleNamespace(logits_processors=None),
+        scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=False),
+        parallel_config=SimpleNamespace(worker_cls=compat.CPU_WORKER),
+        cache_config=SimpleNamespace(enable_prefix_caching=False))
+    previous = SettingsCheck.server
+    try:
+        kvevict.vllm.configure(config)
+        processors = config.model_config.logits_processors
+        assert processors == [compat.SETTINGS_CHECK]
+
+        def check(settings):
+            validate_logits_processors_parameters(processors, SamplingParams(extra_args={"kvevict": settings}))
+
+        check({"compression_ratio": 0.5})
+        check('{"policy": "knorm"}')
+        for bad, named in (({"policy": "nope"}, "nope"), ({"compression_ratio": 1.5}, "compression_ratio"),
+                           ("{", "not valid JSON")):
+            with pytest.raises(VLLMValidationError, match=named):  # the OpenAI server's HTTP 400
+                check(bad)
+    finally:
+        SettingsCheck.server = previous
+
+
 if __name__ == "__main__":
     print(json.dumps(serve(json.loads(sys.argv[1]))))

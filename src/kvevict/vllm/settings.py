@@ -6,6 +6,7 @@ No vLLM import here: the scheduler and the worker both size evictions with these
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -73,10 +74,17 @@ def parse(config: dict | None, base: Settings | None = None) -> Settings:
 
 
 def request_settings(base: Settings, extra_args: dict | None) -> Settings:
-    """A request's settings: the server's, overridden by `extra_args["kvevict"]` when the request gives it."""
+    """A request's settings: the server's, overridden by `extra_args["kvevict"]` (a dict, or its JSON text)
+    when the request gives it."""
     if not extra_args or CONFIG_KEY not in extra_args:
         return base
-    return parse(extra_args[CONFIG_KEY], base)
+    config = extra_args[CONFIG_KEY]
+    if isinstance(config, str):  # the OpenAI API's vllm_xargs take strings, not objects: a JSON text
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{CONFIG_KEY} settings are not valid JSON: {error}") from None
+    return parse(config, base)
 
 
 def geometry(hf_config, dtype: torch.dtype) -> Geometry:

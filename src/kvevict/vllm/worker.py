@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
@@ -19,6 +20,8 @@ from . import capture
 from . import settings as plugin_settings
 from .selection import gather_kept, select_kept
 from .settings import blocks_for, request_settings
+
+logger = init_logger("vllm." + __name__)  # the logger tree vLLM configures
 
 
 class EvictingCPUModelRunner(CPUModelRunner):
@@ -36,6 +39,7 @@ class EvictingCPUModelRunner(CPUModelRunner):
         self.kvevict_evicted: dict[str, int] = {}
         self.kvevict_kept: dict[str, dict[int, torch.Tensor]] = {}
         self.kvevict_seconds = 0.0  # time spent scoring and compacting
+        self.kvevict_evictions = 0
 
     def _update_states(self, scheduler_output):
         cached = scheduler_output.scheduled_cached_reqs
@@ -128,6 +132,14 @@ class EvictingCPUModelRunner(CPUModelRunner):
                 gather_kept(layers[layer]["values"], kept[layer]), attention.kv_cache, slots,
             )
         keep_blocks = blocks_for(kept_count, block_size)
+        # one line per process shows that evictions run (and where), one per request at debug level
+        message = "kvevict: request %s evicted after its prefill: kept %d of %d tokens, %d of %d blocks"
+        args = (request_id, kept_count, seen, keep_blocks, len(block_ids))
+        self.kvevict_evictions += 1
+        if self.kvevict_evictions == 1:
+            logger.info("first eviction of this worker; " + message, *args)
+        else:
+            logger.debug(message, *args)
         del block_ids[keep_blocks:]  # the scheduler gives these back to the pool after this step
         index = self.input_batch.req_id_to_index.get(request_id)
         if index is not None:
