@@ -17,12 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from kvevict.serve.loadgen import LoadSpec, run_load
+from kvevict.serve.loadgen import LoadSpec, run_load, wait_until_healthy
 
 
 def free_port() -> int:
@@ -53,16 +50,8 @@ def serve_and_load(args, ratio: float, budget: int) -> dict:
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; see {log.name}")
-            time.sleep(0.5)
+        if not wait_until_healthy(url, server, timeout=300):
+            raise RuntimeError(f"the server did not start; see {log.name}")
         print(f"\n== ratio {ratio:g}: {' '.join(command[2:])}", flush=True)
         spec = LoadSpec(url=url, concurrency=args.requests, requests=args.requests, prompt_tokens=args.prompt_tokens,
                         max_tokens=args.max_tokens, timeout=args.timeout)

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ def test_readme_has_python_blocks():
 def readme_server():
     """The README's `kvevict serve` command, on a free port instead of 8000."""
     pytest.importorskip("fastapi")
-    import httpx
+    from kvevict.serve.loadgen import wait_until_healthy
 
     line = next(line for block in BASH for line in block.splitlines() if line.startswith("kvevict serve "))
     with socket.socket() as s:
@@ -40,17 +39,9 @@ def readme_server():
     proc = subprocess.Popen([sys.executable, "-m", "kvevict.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the README's server did not start: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.5)
+    if not wait_until_healthy(url, proc, timeout=300):
+        proc.kill()
+        raise RuntimeError(f"the README's server did not start: {proc.stdout.read()[-3000:]}")
     yield url
     proc.send_signal(signal.SIGINT)
     try:

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 import kvevict  # noqa: E402
 from kvevict.models import tiny_model, tiny_tokenizer  # noqa: E402
 from kvevict.serve.engine import Engine  # noqa: E402
-from kvevict.serve.loadgen import parse_metrics  # noqa: E402
+from kvevict.serve.loadgen import parse_metrics, wait_until_healthy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*protected tokens.*:UserWarning")
 
@@ -67,17 +67,9 @@ def served(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    if not wait_until_healthy(url, proc, timeout=180):
+        proc.kill()
+        raise RuntimeError(f"the server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
     yield dict(url=url, model=model, tok=tok, policy=effective, budget=budget, name=str(folder), proc=proc)
     proc.send_signal(signal.SIGINT)
     try:

@@ -145,8 +145,3 @@ class CacheBatch(Cache, HookedCache):
             view = cache.layers[module.layer_idx].current_view
             outputs.append(cache.attend(module, query[row : row + 1], view.keys, view.values, scaling, softcap))
         return torch.cat(outputs, dim=0)
-
-    # ------------------------------------------------------------------ inspection
-    def nbytes(self) -> int:
-        """K/V bytes held by all rows."""
-        return sum(cache.nbytes() for cache in self.caches)

@@ -168,13 +168,6 @@ class Engine:
                 request.stop_requested = reason
                 self.cond.notify()
 
-    def queue_position(self, request: Request) -> int | None:
-        with self.cond:
-            for idx, waiting in enumerate(self.waiting):
-                if waiting is request:
-                    return idx
-        return None
-
     def nbytes(self) -> int:
         """K/V bytes held by every request's cache right now."""
         requests = self.running + ([self.prefilling] if self.prefilling is not None else [])

@@ -43,6 +43,22 @@ class LoadSpec:
             raise ValueError(f"timeout must be in (0, 86400] seconds, got {self.timeout}")
 
 
+def wait_until_healthy(url: str, process, timeout: float = 300.0) -> bool:
+    """Poll `url`/health until it answers 200 (True), or `process` (a Popen) exits or `timeout` seconds pass (False)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {metric name (labels dropped, summed): value}."""
     values: dict[str, float] = {}
