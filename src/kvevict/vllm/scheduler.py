@@ -68,6 +68,8 @@ class EvictingScheduler(Scheduler):
             raise ValueError("the kvevict plugin needs prefix caching off (--no-enable-prefix-caching): the blocks "
                              "of an evicted request hold other tokens than their hashes say")
         self.kvevict_settings = plugin_settings.parse(vllm_config.additional_config[plugin_settings.CONFIG_KEY])
+        model_config = vllm_config.model_config
+        self.kvevict_geometry = plugin_settings.geometry(model_config.hf_config, model_config.dtype)
         self.kvevict_requests: dict[str, plugin_settings.Settings] = {}
         managers = self.kv_cache_manager.coordinator.single_type_managers
         if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
@@ -95,7 +97,8 @@ class EvictingScheduler(Scheduler):
             if request_id in self.kvevict_manager.evicted or request.is_prefill_chunk:
                 continue
             seen = request.num_computed_tokens  # this step ends the prefill
-            plan[request_id] = (seen, kept_tokens(self.kvevict_requests[request_id].policy, seen))
+            policy = self.kvevict_requests[request_id].policy
+            plan[request_id] = (seen, kept_tokens(policy, seen, self.kvevict_geometry))
         output.kvevict_plan = plan
         return output
 

@@ -1,7 +1,8 @@
-"""The worker side of eviction inside vLLM (CPU): capture a prefill's K/V and recent queries, let the request's
-kvevict policy choose what each layer and KV head keeps, write the kept K/V into the request's first slots with
-the kernel's own cache-write op, and shorten its block table. Later tokens keep their true positions (RoPE) but
-are written, and read, after the kept ones (`seq_lens` and the slot mapping shifted by the evicted count)."""
+"""The worker side of eviction inside vLLM (CPU): show each prefill to the request's kvevict policy state as it
+runs (selection.Prefill, fed by capture.py), let the state choose what each layer and KV head keeps, write the
+kept K/V into the request's first slots with the kernel's own cache-write op, and shorten its block table. Later
+tokens keep their true positions (RoPE) but are written, and read, after the kept ones (`seq_lens` and the slot
+mapping shifted by the evicted count)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from . import capture
 from . import settings as plugin_settings
-from .selection import gather_kept, select_kept
-from .settings import blocks_for, request_settings
+from .compat import layer_inputs_visible
+from .selection import Prefill
+from .settings import LAYER_INPUT_POLICIES, blocks_for, request_settings, start_state
 
 logger = init_logger("vllm." + __name__)  # the logger tree vLLM configures
 
@@ -37,7 +39,9 @@ class EvictingCPUModelRunner(CPUModelRunner):
         model_config = vllm_config.model_config
         self.kvevict_geometry = plugin_settings.geometry(model_config.hf_config, model_config.dtype)
         self.kvevict_evicted: dict[str, int] = {}
+        self.kvevict_prefills: dict[str, Prefill] = {}  # requests whose prefill is under way
         self.kvevict_kept: dict[str, dict[int, torch.Tensor]] = {}
+        self.kvevict_layer_inputs = layer_inputs_visible(vllm_config)
         self.kvevict_seconds = 0.0  # time spent scoring and compacting
         self.kvevict_evictions = 0
 
@@ -47,8 +51,15 @@ class EvictingCPUModelRunner(CPUModelRunner):
                 | set(getattr(cached, "resumed_req_ids", ()) or ()))
         for request_id in gone:  # a resumed request is prefilled again, from its first token
             self.kvevict_evicted.pop(request_id, None)
-            capture.CAPTURED.pop(request_id, None)
+            self.kvevict_prefills.pop(request_id, None)
         return super()._update_states(scheduler_output)
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        if self.kvevict_layer_inputs:
+            names = [name for name, layer in self.compilation_config.static_forward_context.items()
+                     if isinstance(getattr(layer, "impl", None), CPUAttentionBackendImpl)]
+            capture.install_layer_input_hooks(self.get_model(), names)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -60,11 +71,13 @@ class EvictingCPUModelRunner(CPUModelRunner):
             if request_id in self.kvevict_evicted:
                 evicted[index] = self.kvevict_evicted[request_id]
                 continue
-            # not evicted yet: a prefill chunk, copied as it is written
-            window = request_settings(self.kvevict_settings, self._kvevict_extra_args(request_id)).policy.query_window
-            known = int(self.input_batch.num_tokens_no_spec[index])
-            plan.append(capture.Span(request_id, int(starts[index]), int(starts[index + 1]),
-                                     int(self.input_batch.num_computed_tokens_cpu[index]), max(0, known - window)))
+            # not evicted yet: a prefill chunk, shown to the request's policy state as it passes
+            prefill = self.kvevict_prefills.get(request_id)
+            if prefill is None:
+                prefill = self.kvevict_prefills[request_id] = self._kvevict_prefill(
+                    request_id, int(self.input_batch.num_tokens_no_spec[index]))
+            plan.append(capture.Span(prefill, int(starts[index]), int(starts[index + 1]),
+                                     int(self.input_batch.num_computed_tokens_cpu[index])))
         capture.PLAN[:] = plan
         if evicted.any():
             # the kept tokens fill slots 0..k-1: attention reads seq_len - evicted slots, new tokens are written
@@ -94,24 +107,23 @@ class EvictingCPUModelRunner(CPUModelRunner):
         params = self.requests[request_id].sampling_params
         return params.extra_args if params is not None else None
 
+    def _kvevict_prefill(self, request_id: str, tokens: int) -> Prefill:
+        """A fresh prefill of `tokens` tokens for the request, with its policy's state."""
+        settings = request_settings(self.kvevict_settings, self._kvevict_extra_args(request_id))
+        if settings.policy.name in LAYER_INPUT_POLICIES and not self.kvevict_layer_inputs:
+            # admission refuses these (settings.check_runnable); never score from hidden states not seen
+            raise RuntimeError(f"request {request_id}: {settings.policy.name} needs the hidden states entering "
+                               "attention, which this compiled model does not show (--enforce-eager)")
+        return Prefill(start_state(settings.policy, self.kvevict_geometry), tokens)
+
     def _kvevict_compact(self, request_id: str, seen: int, kept_count: int) -> None:
         """Evict request `request_id` after its prefill of `seen` tokens down to `kept_count` per layer and head."""
-        captured = capture.CAPTURED.pop(request_id)
+        prefill = self.kvevict_prefills.pop(request_id)
         settings = request_settings(self.kvevict_settings, self._kvevict_extra_args(request_id))
-        state = settings.policy.start(self.kvevict_geometry)
-        window = settings.policy.query_window
-        layers = {}
-        for layer, chunks in captured.keys.items():
-            keys = torch.cat(chunks)
-            if keys.shape[0] != seen:
-                raise RuntimeError(f"request {request_id}: captured {keys.shape[0]} tokens of layer {layer}, "
-                                   f"expected {seen}")
-            layers[layer] = {"keys": keys, "values": torch.cat(captured.values[layer]),
-                             "scaling": captured.scaling[layer]}
-            if window:
-                layers[layer]["queries"] = torch.cat(captured.queries[layer])[-window:]
-                layers[layer]["query_positions"] = torch.cat(captured.query_positions[layer])[-window:]
-        kept = select_kept(state, layers)
+        if set(prefill.seen.values()) != {seen}:
+            raise RuntimeError(f"request {request_id}: the layers saw {sorted(set(prefill.seen.values()))} "
+                               f"tokens, expected {seen}")
+        kept = prefill.select()
         counts = {int(indices.shape[1]) for indices in kept.values()}
         if counts != {kept_count}:
             raise RuntimeError(f"request {request_id}: the policy kept {sorted(counts)} tokens per head, the "
@@ -127,10 +139,9 @@ class EvictingCPUModelRunner(CPUModelRunner):
         for name, attention in self._kvevict_attention_layers().items():
             layer = extract_layer_index(name)
             # the kernel's own write op lays the rows out as this CPU's attention kernel reads them
-            CPUAttentionBackendImpl.do_kv_cache_update(
-                attention.impl, attention, gather_kept(layers[layer]["keys"], kept[layer]),
-                gather_kept(layers[layer]["values"], kept[layer]), attention.kv_cache, slots,
-            )
+            keys, values = prefill.kept_kv(layer, kept[layer])
+            CPUAttentionBackendImpl.do_kv_cache_update(attention.impl, attention, keys, values, attention.kv_cache,
+                                                       slots)
         keep_blocks = blocks_for(kept_count, block_size)
         # one line per process shows that evictions run (and where), one per request at debug level
         message = "kvevict: request %s evicted after its prefill: kept %d of %d tokens, %d of %d blocks"
