@@ -86,6 +86,54 @@ def test_cache_batch_rows_decode_as_alone_and_join_and_leave_without_copies(fami
                        [[p.tolist() for p in row] for row in solo[i].kept_positions(layer)]
 
 
+def same_kept(cache, reference):
+    assert torch.equal(cache.kept_counts(), reference.kept_counts())
+    for layer in range(len(cache.layers)):
+        assert [[p.tolist() for p in row] for row in cache.kept_positions(layer)] == \
+               [[p.tolist() for p in row] for row in reference.kept_positions(layer)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_prompt_chunk_rides_a_decode_step_and_everyone_computes_as_alone(family):
+    model = tiny_model(family)
+    policy = make_policy("snapkv", compression_ratio=0.5, prefill_chunk=8, decode_interval=3, window=4)
+
+    def prefilled(ids):
+        cache = EvictingCache(model, policy)
+        prefill(model, cache, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long), 8)
+        return cache
+
+    rows = prompts((30, 17))
+    newcomer = prompts((29,), seed=2)[0]
+    solo = [prefilled(ids) for ids in rows]
+    together = [prefilled(ids) for ids in rows]
+    batch = CacheBatch(model, together)
+    guest, guest_alone = EvictingCache(model, policy), EvictingCache(model, policy)
+    pending = [ids[-1] for ids in rows]
+    for start in range(0, 24, 8):  # three prompt chunks of 8, each packed with one decode step of both rows
+        chunk = newcomer[start:start + 8]
+        with torch.no_grad():
+            with guest.prompt(), batch.joining(guest, len(chunk)):  # noqa: SIM117 (the prompt chunk's scope)
+                out = model(input_ids=torch.tensor([chunk + pending]),
+                            position_ids=torch.tensor([list(range(start, start + 8)) + [c.seen for c in together]]),
+                            **cache_kwargs(batch), logits_to_keep=len(together))
+            assert out.logits.shape[:2] == (1, 2)
+            prefill(model, guest_alone, torch.tensor([newcomer[:start + 8]]), torch.ones(1, start + 8, dtype=torch.long), 8)
+            for row in range(2):
+                ref = model(input_ids=torch.tensor([[pending[row]]]), position_ids=torch.tensor([[solo[row].seen]]),
+                            **cache_kwargs(solo[row]))
+                torch.testing.assert_close(out.logits[0, row], ref.logits[0, -1], atol=1e-4, rtol=1e-4)
+                pending[row] = int(ref.logits[0, -1].argmax())
+        assert guest.seen == guest_alone.seen == start + 8
+        same_kept(guest, guest_alone)  # the chunk evicted as its prefill alone does
+        for row in range(2):
+            same_kept(together[row], solo[row])
+    with pytest.raises(ValueError, match="not one of its rows"), batch.joining(together[0], 4):
+        pass
+    with pytest.raises(ValueError, match="packed step"), torch.no_grad(), guest.prompt(), batch.joining(guest, 4):
+        model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), **cache_kwargs(batch))
+
+
 def test_cache_batch_refuses_what_it_cannot_run():
     model = tiny_model("llama")
     batch = CacheBatch(model)

@@ -4,11 +4,12 @@ Each request gets its own EvictingCache (its policy's own state). The loop, one 
 1. requests cancelled or stopped by the server leave the batch, and their cache is dropped (memory freed at once);
 2. the oldest waiting request is admitted when its predicted peak (memory.py) fits next to what the others
    reserve (FIFO: nobody overtakes it);
-3. the request being admitted prefills one chunk (`prefill_chunk` tokens; its policy evicts after each chunk, so
-   its peak is about its target + one chunk); with the prompt done but its last token, it joins the decode batch;
-4. one decode step for every running request at once (CacheBatch): each gets a token, and evicts by its own
-   policy on its own schedule;
-5. the bytes held are checked against the budget: a request past its prediction is evicted by its own policy;
+3. one forward: the next prompt chunk (`prefill_chunk` tokens) of the request being admitted, and one decode step
+   for every running request, packed into one sequence (`CacheBatch.joining`) so the rows decode inside the
+   chunk's forward; each gets a token and evicts by its own policy on its own schedule; the prefilling request's
+   policy evicts after its chunk (its peak is about its target + one chunk), and with its prompt done but its last
+   token it joins the decode batch;
+4. the bytes held are checked against the budget: a request past its prediction is evicted by its own policy;
    if that is not enough the newest request is preempted (its cache dropped, re-queued first, its prompt and
    output recomputed when it is admitted again, as vLLM's recompute preemption does).
 A request decodes exactly as `kvevict.generate` would decode it alone with the same policy (prefill chunks of
@@ -208,10 +209,10 @@ class Engine:
         """One turn of the loop (public so tests can drive an engine without its thread)."""
         self._finish_stopped()
         self._admit()
-        if self.prefilling is not None:
-            self._prefill_chunk(self.prefilling)
-        if self.running:
-            self._decode()
+        with torch.no_grad():
+            self._forward(self.prefilling)
+        if self.prefilling is not None and self.prefilling.cache.seen >= len(self.prefilling.tokens) - 1:
+            self._join(self.prefilling)
         self._enforce_budget()
         self._publish()
 
@@ -245,29 +246,50 @@ class Engine:
         self.prefilling = head
         head.cache = EvictingCache(self.model, head.policy, tokenizer=self.tokenizer)
 
-    def _prefill_chunk(self, r: Request) -> None:
-        tokens = r.tokens
-        upto = len(tokens) - 1  # the last token is the first decode step's input, as in generate()
-        if r.cache.seen < upto:
-            stop = min(upto, r.cache.seen + r.policy.prefill_chunk)
-            ids = torch.tensor([tokens[:stop]], device=self.device)
-            prefill(self.model, r.cache, ids, torch.ones_like(ids), r.policy.prefill_chunk)
-            self._track(r)
-        if r.cache.seen >= upto:
-            r.pending = tokens[-1]
-            self.prefilling = None
-            self.running.append(r)
-            self.batch.add(r.cache)
-            self.peak_running = max(self.peak_running, len(self.running))
-            if self.metrics is not None and not r.preemptions:
-                self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-
-    def _decode(self) -> None:
+    def _forward(self, prefilling: Request | None) -> None:
+        """One forward: the next prompt chunk of the request being prefilled, and one decode step for every
+        running request. Both at once (packed, `CacheBatch.joining`): the rows decode inside the chunk's forward."""
+        chunk: list[int] = []
+        if prefilling is not None:
+            tokens, seen = prefilling.tokens, prefilling.cache.seen
+            # the last token is the first decode step's input, as in generate()
+            chunk = tokens[seen:min(len(tokens) - 1, seen + prefilling.policy.prefill_chunk)]
         rows = list(self.running)
-        ids = torch.tensor([[r.pending] for r in rows], device=self.device)
-        positions = torch.tensor([[r.cache.seen] for r in rows], device=self.device)
-        out = self.model(input_ids=ids, position_ids=positions, **cache_kwargs(self.batch), logits_to_keep=1)
-        logits = out.logits[:, -1]
+        if not rows:
+            if chunk:
+                ids = torch.tensor([prefilling.tokens[:seen + len(chunk)]], device=self.device)
+                prefill(self.model, prefilling.cache, ids, torch.ones_like(ids), prefilling.policy.prefill_chunk)
+                self._track(prefilling)
+            return
+        ids = [r.pending for r in rows]
+        positions = [r.cache.seen for r in rows]
+        if chunk:
+            with prefilling.cache.prompt(), self.batch.joining(prefilling.cache, len(chunk)):
+                out = self.model(input_ids=torch.tensor([chunk + ids], device=self.device),
+                                 position_ids=torch.tensor([list(range(seen, seen + len(chunk))) + positions],
+                                                           device=self.device),
+                                 **cache_kwargs(self.batch), logits_to_keep=len(rows))
+            logits = out.logits[0]
+            self._track(prefilling)
+        else:
+            out = self.model(input_ids=torch.tensor(ids, device=self.device).view(-1, 1),
+                             position_ids=torch.tensor(positions, device=self.device).view(-1, 1),
+                             **cache_kwargs(self.batch), logits_to_keep=1)
+            logits = out.logits[:, -1]
+        self._sampled(rows, logits)
+
+    def _join(self, r: Request) -> None:
+        """A request whose prompt is in its cache joins the decode batch."""
+        r.pending = r.tokens[-1]
+        self.prefilling = None
+        self.running.append(r)
+        self.batch.add(r.cache)
+        self.peak_running = max(self.peak_running, len(self.running))
+        if self.metrics is not None and not r.preemptions:
+            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+
+    def _sampled(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Each running request's next token from its row of `logits`; finished ones leave."""
         now = time.monotonic()
         for row, r in enumerate(rows):
             token = sample(logits[row], r.sampling, r.generator)
