@@ -101,6 +101,29 @@ def test_segment_attention_matches_masked_attention(T):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_segment_attention_hides_what_a_gate_hid_but_never_the_query_itself():
+    from kvevict.attention import evicted_attention, segment_attention, segments_apply
+
+    B, H, G, d = 2, 3, 2, 8
+    store, n = store_with_uneven_heads(B, H, d, [7, 12, 3, 20, 9, 1])
+    g = torch.Generator().manual_seed(5)
+    qpos = torch.tensor([n])
+    store.append(torch.randn(B, H, 1, d, generator=g), torch.randn(B, H, 1, d, generator=g), qpos,
+                 torch.ones(B, 1, dtype=torch.bool), slack=0)
+    view = store.view()
+    visible = torch.rand(view.positions.shape, generator=g) < 0.5
+    visible[..., 0] = False  # every head hides its oldest key, the 1-token head its own query's key too
+    queries = torch.randn(B, H * G, 1, d, generator=g)
+    assert segments_apply(store, qpos, 1)
+    got = segment_attention(queries, store.keys, store.values, store.host_start, store.host_len, 0.35,
+                            store.row_mask(view, visible))
+    want = evicted_attention(queries, view.keys, view.values, qpos, view.positions, 0.35, visible=visible,
+                             heads_aligned=False, no_empty_slots=False)
+    assert torch.allclose(got, want, atol=1e-5)
+    unmasked = segment_attention(queries, store.keys, store.values, store.host_start, store.host_len, 0.35)
+    assert not torch.allclose(got, unmasked, atol=1e-3)  # the mask mattered
+
+
 def test_segments_do_not_apply_to_padding_or_empty_heads():
     from kvevict.attention import segments_apply
 

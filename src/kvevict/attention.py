@@ -221,6 +221,7 @@ def segment_attention(
     seg_start: list[int],
     seg_len: list[int],
     scaling: float,
+    visible_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention read straight from a store's segments, no padded copy: queries [B, Hq, T, d] -> [B, T, Hq, d].
 
@@ -228,8 +229,12 @@ def segment_attention(
     Layout it assumes (the caller checks it): every stored row is visible to every query, except that the newest
     T rows of each segment are the queries' own tokens, in order (causal among themselves). With T = 1 that is
     any decode step. For T > 1 the older rows and the new ones are two fused passes merged by their log-sum-exps.
+    `visible_rows` ([rows] bool, T = 1 only): keys hidden in-context (a gate's flags); the query's own token, the
+    newest row of its segment, stays visible.
     """
     B, Hq, T, d = queries.shape
+    if visible_rows is not None and T != 1:
+        raise ValueError("segment_attention takes visible_rows for one query per segment only")
     S = len(seg_start)
     H = S // B
     G = Hq // H
@@ -241,7 +246,13 @@ def segment_attention(
         k = keys[start:start + length].view(1, 1, length, d)
         v = values[start:start + length].view(1, 1, length, d)
         if T == 1:  # the group's queries side by side: [1, 1, G, d] over the segment
-            o = F.scaled_dot_product_attention(q.reshape(1, 1, G, d), k, v, scale=scaling).view(G, 1, d)
+            mask = None
+            if visible_rows is not None:
+                mask = visible_rows[start:start + length].clone()
+                mask[-1] = True
+                mask = mask.view(1, 1, 1, length)
+            o = F.scaled_dot_product_attention(q.reshape(1, 1, G, d), k, v, attn_mask=mask,
+                                               scale=scaling).view(G, 1, d)
         else:
             past = length - T
             k_new, v_new = k[:, :, past:].expand(1, G, T, d), v[:, :, past:].expand(1, G, T, d)

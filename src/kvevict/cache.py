@@ -271,11 +271,14 @@ class EvictingCache(Cache, HookedCache):
             ctx = self._layer_context(layer, view, observer, step.forward.seen, step.forward.tokens_seen)
             visible = observer.key_visibility(module.layer_idx, ctx)
         store, T = layer.store, query.shape[2]
-        per_segment = (softcap is None and visible is None and layer.sliding_window is None
-                       and ((T == 1 and not view.no_empty_slots) or (T > 1 and store.max_len > T))
+        # keys a gate hid: per segment only for one query (a decode step), where the mask is one row per segment
+        per_segment = (softcap is None and layer.sliding_window is None
+                       and ((T == 1 and not view.no_empty_slots) or (T > 1 and store.max_len > T and visible is None))
                        and segments_apply(store, step.positions, T))
         if per_segment:
-            out = segment_attention(query, store.keys, store.values, store.host_start, store.host_len, scaling)
+            visible_rows = None if visible is None else store.row_mask(view, visible)
+            out = segment_attention(query, store.keys, store.values, store.host_start, store.host_len, scaling,
+                                    visible_rows)
         else:
             out = evicted_attention(
                 query, view.keys, view.values, step.positions, view.positions, scaling,

@@ -25,12 +25,12 @@ def compare_main(argv: list[str]) -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = sorted(set(rows) - set(ROWS))
-    if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    spec = CompareSpec(model=args.model, context=args.context, dtype=args.dtype, threads=args.threads,
-                       repeats=args.repeats, decode_tokens=args.decode_tokens, rows=rows)
+    try:
+        spec = CompareSpec(model=args.model, context=args.context, dtype=args.dtype, threads=args.threads,
+                           repeats=args.repeats, decode_tokens=args.decode_tokens,
+                           rows=[r for r in args.rows.split(",") if r])
+    except ValueError as error:
+        parser.error(str(error))
     print(format_table(compare(spec, out=args.out)))
 
 

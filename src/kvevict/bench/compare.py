@@ -35,6 +35,14 @@ class CompareSpec:
     decode_tokens: int = 64
     rows: list = field(default_factory=lambda: list(ROWS))
 
+    def __post_init__(self):
+        unknown = sorted(set(self.rows) - set(ROWS))
+        if unknown or not self.rows:
+            raise ValueError(f"unknown or no rows {unknown}; choose from {list(ROWS)}")
+        for name in ("context", "repeats", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def _prefill(model, cache, ids) -> float:
     import torch

@@ -255,10 +255,12 @@ def build_app(served: Served) -> FastAPI:
             return {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
 
         async def next_event():
-            """The engine's next event; the request is stopped when the client has gone."""
+            """The engine's next event; the request is stopped when the client has gone (a stream learns it at
+            once, from its cancellation; this look every 2 s is for the others: rare, because every wake-up of
+            this thread takes a core from the engine's threads)."""
             while True:
                 try:
-                    return await asyncio.wait_for(events.get(), timeout=0.5)
+                    return await asyncio.wait_for(events.get(), timeout=2.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         engine.stop_request(request, "abort")

@@ -207,6 +207,7 @@ class Engine:
 
     def step(self) -> None:
         """One turn of the loop (public so tests can drive an engine without its thread)."""
+        started = time.perf_counter()
         self._finish_stopped()
         self._admit()
         with torch.no_grad():
@@ -215,6 +216,8 @@ class Engine:
             self._join(self.prefilling)
         self._enforce_budget()
         self._publish()
+        if self.metrics is not None:
+            self.metrics.step_done(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ stages
     def _finish_stopped(self) -> None:
@@ -255,10 +258,12 @@ class Engine:
             # the last token is the first decode step's input, as in generate()
             chunk = tokens[seen:min(len(tokens) - 1, seen + prefilling.policy.prefill_chunk)]
         rows = list(self.running)
+        started = time.perf_counter()
         if not rows:
             if chunk:
                 ids = torch.tensor([prefilling.tokens[:seen + len(chunk)]], device=self.device)
                 prefill(self.model, prefilling.cache, ids, torch.ones_like(ids), prefilling.policy.prefill_chunk)
+                self._forward_done("prefill", started)
                 self._track(prefilling)
             return
         ids = [r.pending for r in rows]
@@ -270,13 +275,19 @@ class Engine:
                                                            device=self.device),
                                  **cache_kwargs(self.batch), logits_to_keep=len(rows))
             logits = out.logits[0]
+            self._forward_done("packed", started)
             self._track(prefilling)
         else:
             out = self.model(input_ids=torch.tensor(ids, device=self.device).view(-1, 1),
                              position_ids=torch.tensor(positions, device=self.device).view(-1, 1),
                              **cache_kwargs(self.batch), logits_to_keep=1)
             logits = out.logits[:, -1]
+            self._forward_done("decode", started)
         self._sampled(rows, logits)
+
+    def _forward_done(self, kind: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.forward_done(kind, time.perf_counter() - started)
 
     def _join(self, r: Request) -> None:
         """A request whose prompt is in its cache joins the decode batch."""

@@ -74,6 +74,28 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
+# seconds between two looks at the server's /metrics: each look takes CPU from the server under test, and the
+# server keeps its own peaks (running requests, KV bytes) besides
+SAMPLE_EVERY = 1.0
+
+
+def engine_seconds(text: str) -> dict[str, float]:
+    """The server's engine time counters from its Prometheus text: {"step": s, "forward:<kind>": s,
+    "forwards:<kind>": count} (kvevict servers only; other servers give {})."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("kvevict:engine_"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        kind = name_part.split('kind="', 1)[1].split('"', 1)[0] if 'kind="' in name_part else None
+        key = {"kvevict:engine_step_seconds_total": "step", "kvevict:engine_forward_seconds_total": "forward",
+               "kvevict:engine_forwards_total": "forwards"}.get(name)
+        if key is not None:
+            found[key if kind is None else f"{key}:{kind}"] = float(value)
+    return found
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -126,7 +148,7 @@ async def _sample_metrics(client, spec: LoadSpec, samples: list[dict], done: asy
         except Exception:  # a missed sample is not a failed run
             pass
         try:
-            await asyncio.wait_for(done.wait(), timeout=0.25)
+            await asyncio.wait_for(done.wait(), timeout=SAMPLE_EVERY)
         except asyncio.TimeoutError:
             pass
 
@@ -147,6 +169,7 @@ async def _run(spec: LoadSpec) -> dict:
             async with gate:
                 await _one(client, spec, prompt, record)
 
+        before = engine_seconds((await client.get(f"{spec.url}/metrics")).text)
         sampler = asyncio.create_task(_sample_metrics(client, spec, samples, done))
         started = time.monotonic()
         try:
@@ -155,7 +178,9 @@ async def _run(spec: LoadSpec) -> dict:
             done.set()
             await sampler
         wall = time.monotonic() - started
-        final = parse_metrics((await client.get(f"{spec.url}/metrics")).text)
+        final_text = (await client.get(f"{spec.url}/metrics")).text
+        final = parse_metrics(final_text)
+        after = engine_seconds(final_text)
     ok = [r for r in records if "error" not in r and r.get("end")]
     tokens = sum(r.get("completion_tokens", 0) for r in ok)
     ttfts = [r["ttft"] for r in ok if r.get("ttft") is not None]
@@ -175,6 +200,8 @@ async def _run(spec: LoadSpec) -> dict:
         "preemptions": final.get("kvevict:num_preemptions_total", 0),
         "evicted_tokens": final.get("kvevict:evicted_tokens_total", 0),
         "metric_samples": len(samples),
+        # where the server's engine spent the run (kvevict servers): its steps, and its forwards by kind
+        "engine_seconds": {key: after[key] - before.get(key, 0.0) for key in after},
     }
 
 
@@ -194,6 +221,12 @@ def table(result: dict) -> str:
                                          f"{fmt(result['kv_budget_bytes'], 2**-20)}"),
         ("preemptions", fmt(result["preemptions"], digits=0)),
     ]
+    engine = result.get("engine_seconds") or {}
+    if engine:
+        rows.append(("engine busy (s) / wall", f"{fmt(engine.get('step'))} / {fmt(result['wall_seconds'])}"))
+        for kind in ("prefill", "packed", "decode"):
+            if engine.get(f"forwards:{kind}"):
+                rows.append((f"  {kind} forwards: n, s", f"{engine[f'forwards:{kind}']:.0f}, {fmt(engine[f'forward:{kind}'])}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

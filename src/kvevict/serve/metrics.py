@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # the *_created series say when a counter was made: noise for a server's dashboards
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# the engine's forwards: a prompt chunk alone, a chunk with the running requests' decode step, a decode step alone
+FORWARD_KINDS = ("prefill", "packed", "decode")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                     20.0, 40.0, 80.0, 160.0)
 
@@ -40,6 +42,11 @@ class Metrics:
         self._prompt = counter("kvevict:prompt_tokens", "Prompt tokens prefilled")
         self._generation = counter("kvevict:generation_tokens", "Tokens generated")
         self._preempted = counter("kvevict:num_preemptions", "Requests preempted (re-queued and recomputed)")
+        self._forward_seconds = counter("kvevict:engine_forward_seconds", "Seconds the engine spent in model forwards "
+                                        "(eviction included), by kind", ["kind"])
+        self._forwards = counter("kvevict:engine_forwards", "Model forwards run by the engine, by kind", ["kind"])
+        self._step_seconds = counter("kvevict:engine_step_seconds", "Seconds the engine spent in its steps (forwards, "
+                                     "sampling, admission, accounting)")
         self._ttft = Histogram("kvevict:time_to_first_token_seconds", "From arrival to the first token", labels,
                                buckets=_LATENCY_BUCKETS, registry=registry)
         self._itl = Histogram("kvevict:inter_token_latency_seconds", "Between two tokens of a request", labels,
@@ -48,8 +55,12 @@ class Metrics:
         self.kv_budget = kv_budget
         for reason in FINISH_REASONS:
             self._finished.labels(model_name, reason)
-        for series in (self._evicted, self._prompt, self._generation, self._preempted, self._ttft, self._itl):
+        for series in (self._evicted, self._prompt, self._generation, self._preempted, self._ttft, self._itl,
+                       self._step_seconds):
             series.labels(model_name)  # every series exists from the start, at zero
+        for kind in FORWARD_KINDS:
+            self._forward_seconds.labels(model_name, kind)
+            self._forwards.labels(model_name, kind)
         self.set_state(kv_bytes=0, peak_kv_bytes=0, running=0, prefilling=0, peak_running=0)
         self._queued: set[str] = set()
         self.set_queue([])
@@ -82,6 +93,13 @@ class Metrics:
 
     def request_finished(self, reason: str) -> None:
         self._finished.labels(self.model_name, reason).inc()
+
+    def forward_done(self, kind: str, seconds: float) -> None:
+        self._forward_seconds.labels(self.model_name, kind).inc(seconds)
+        self._forwards.labels(self.model_name, kind).inc()
+
+    def step_done(self, seconds: float) -> None:
+        self._step_seconds.labels(self.model_name).inc(seconds)
 
     def set_queue(self, request_ids: list[str]) -> None:
         for gone in self._queued - set(request_ids):
