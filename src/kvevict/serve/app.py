@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -203,6 +204,31 @@ class TextTracker:
         return out
 
 
+class Mailbox:
+    """The engine thread's events for the event loop, delivered in bursts: the loop wakes once for the tokens an
+    engine step gives all its requests, not once per token (on a small machine every wake-up of the loop takes a
+    core from the engine's threads)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:
+        """Called from the engine thread."""
+        with self.lock:
+            first = not self.pending
+            self.pending.append((queue, event))
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 def build_app(served: Served) -> FastAPI:
     app = FastAPI(title="kvevict", description="OpenAI-compatible server with KV-cache eviction")
     engine = served.engine
@@ -225,13 +251,18 @@ def build_app(served: Served) -> FastAPI:
                              status=404)
         return body
 
+    mailbox: list[Mailbox | None] = [None]  # one per event loop (the server's)
+
     async def run(http: HTTPRequest, chat: bool):
         body = await read_body(http)
         job = parse_job(served, body, chat)
         loop = asyncio.get_running_loop()
+        if mailbox[0] is None or mailbox[0].loop is not loop:
+            mailbox[0] = Mailbox(loop)
+        post = mailbox[0].post
         events: asyncio.Queue = asyncio.Queue()
         request = Request(job.prompt_ids, job.max_tokens, job.policy, job.sampling,
-                          on_event=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+                          on_event=lambda kind, value: post(events, (kind, value)))
         try:
             await asyncio.to_thread(engine.submit, request)
         except RequestTooLarge as err:

@@ -301,9 +301,9 @@ class Engine:
 
     def _sampled(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Each running request's next token from its row of `logits`; finished ones leave."""
+        tokens = [sample(logits[row], r.sampling, r.generator) for row, r in enumerate(rows)]
         now = time.monotonic()
-        for row, r in enumerate(rows):
-            token = sample(logits[row], r.sampling, r.generator)
+        for r, token in zip(rows, tokens):  # the step's events close together: the server delivers them at once
             if self.metrics is not None:
                 if r.last_token_at is None and not r.output_ids:
                     self.metrics.time_to_first_token.observe(now - r.arrival)
