@@ -5,6 +5,7 @@ import json
 import pytest
 
 from kvevict.bench.compare import ROWS, CompareSpec, compare, format_table
+from kvevict.policies import make_policy
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*protected tokens.*:UserWarning")
@@ -15,8 +16,11 @@ def test_every_row_is_a_ratio_of_its_own_two_timings(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["rows"]
     assert {r["row"] for r in rows} == set(ROWS)
-    # fastgen: the default window and every row (profile_window=None); decode: head and global vs uniform
-    assert [r["row"] for r in rows].count("fastgen") == 2 and [r["row"] for r in rows].count("decode") == 2
+    # fastgen: the default window and every row (profile_window=None; one row when the default is every row);
+    # decode: head and global vs uniform
+    windows = {r["profile_window"] for r in rows if r["row"] == "fastgen"}
+    assert windows == {make_policy("fastgen").profile_window, None}
+    assert [r["row"] for r in rows].count("decode") == 2
     for r in rows:
         assert r["plain_s"] > 0 and r["overhead_s"] > 0
         if r["row"] == "decode":  # tok/s ratio: the inverse of the seconds-per-token ratio
