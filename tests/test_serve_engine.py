@@ -36,6 +36,20 @@ def alone(model, tok, policy, ids, max_new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
+def prefilled(model, policy, ids):
+    """A cache holding all of `ids` but the last token (the first decode step's input), prefilled in chunks of 8."""
+    cache = EvictingCache(model, policy)
+    prefill(model, cache, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long), 8)
+    return cache
+
+
+def same_kept(cache, reference):
+    assert torch.equal(cache.kept_counts(), reference.kept_counts())
+    for layer in range(len(cache.layers)):
+        assert [[p.tolist() for p in row] for row in cache.kept_positions(layer)] == \
+               [[p.tolist() for p in row] for row in reference.kept_positions(layer)]
+
+
 def drain(engine, check=None):
     steps = 0
     while engine.waiting or engine.running or engine.prefilling:
@@ -52,14 +66,9 @@ def test_cache_batch_rows_decode_as_alone_and_join_and_leave_without_copies(fami
     model = tiny_model(family)
     policy = make_policy("snapkv", compression_ratio=0.5, prefill_chunk=8, decode_interval=3, window=4)
 
-    def prefilled(ids):
-        cache = EvictingCache(model, policy)
-        prefill(model, cache, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long), 8)
-        return cache
-
     rows = prompts((30, 17, 44))
-    solo = [prefilled(ids) for ids in rows]
-    together = [prefilled(ids) for ids in rows]
+    solo = [prefilled(model, policy, ids) for ids in rows]
+    together = [prefilled(model, policy, ids) for ids in rows]
     batch = CacheBatch(model, together[:2])
     pending = {i: ids[-1] for i, ids in enumerate(rows)}
     members = [0, 1]
@@ -80,17 +89,7 @@ def test_cache_batch_rows_decode_as_alone_and_join_and_leave_without_copies(fami
                 torch.testing.assert_close(out.logits[row], ref.logits[0], atol=1e-4, rtol=1e-4)
                 pending[i] = int(ref.logits[0, -1].argmax())
         for i in members:
-            assert torch.equal(together[i].kept_counts(), solo[i].kept_counts())
-            for layer in range(len(together[i].layers)):
-                assert [[p.tolist() for p in row] for row in together[i].kept_positions(layer)] == \
-                       [[p.tolist() for p in row] for row in solo[i].kept_positions(layer)]
-
-
-def same_kept(cache, reference):
-    assert torch.equal(cache.kept_counts(), reference.kept_counts())
-    for layer in range(len(cache.layers)):
-        assert [[p.tolist() for p in row] for row in cache.kept_positions(layer)] == \
-               [[p.tolist() for p in row] for row in reference.kept_positions(layer)]
+            same_kept(together[i], solo[i])
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -98,15 +97,10 @@ def test_a_prompt_chunk_rides_a_decode_step_and_everyone_computes_as_alone(famil
     model = tiny_model(family)
     policy = make_policy("snapkv", compression_ratio=0.5, prefill_chunk=8, decode_interval=3, window=4)
 
-    def prefilled(ids):
-        cache = EvictingCache(model, policy)
-        prefill(model, cache, torch.tensor([ids[:-1]]), torch.ones(1, len(ids) - 1, dtype=torch.long), 8)
-        return cache
-
     rows = prompts((30, 17))
     newcomer = prompts((29,), seed=2)[0]
-    solo = [prefilled(ids) for ids in rows]
-    together = [prefilled(ids) for ids in rows]
+    solo = [prefilled(model, policy, ids) for ids in rows]
+    together = [prefilled(model, policy, ids) for ids in rows]
     batch = CacheBatch(model, together)
     guest, guest_alone = EvictingCache(model, policy), EvictingCache(model, policy)
     pending = [ids[-1] for ids in rows]

@@ -179,12 +179,18 @@ def run(spec: BenchSpec, out: Path | None = None, progress: bool = True) -> dict
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     result = {"spec": {k: v for k, v in asdict(spec).items() if k != "configs"}, "machine": _machine(spec), "rows": rows}
     print(format_table(result))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+    write_json(result, out)
     return result
+
+
+def write_json(result: dict, out: Path | str | None) -> None:
+    """Write a benchmark's result as JSON to `out` (folders made as needed); nothing when `out` is None."""
+    if out is None:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
 
 
 def _machine(spec: BenchSpec) -> dict:

@@ -14,7 +14,6 @@ A plain prefill is the same prompt through an EvictingCache with the `full` poli
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +63,7 @@ def compare(spec: CompareSpec, out: Path | None = None) -> dict:
     from ..policies import make_policy
     from ..policies.base import ObserverSet
     from ..policies.fastgen import token_kinds
-    from . import _machine, load_bench_model
+    from . import _machine, load_bench_model, write_json
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -114,11 +113,7 @@ def compare(spec: CompareSpec, out: Path | None = None) -> dict:
     if "decode" in spec.rows:
         _compare_decode(model, ids, spec, add, EvictingCache, make_policy, ObserverSet)
     result = {"spec": asdict(spec), "machine": _machine(spec), "rows": results}
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+    write_json(result, out)
     return result
 
 
