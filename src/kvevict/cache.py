@@ -58,12 +58,14 @@ class EvictingLayer(CacheLayerMixin):
         """Store the forward's new K/V (padding dropped) and return the view attention reads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        limit = step.row_limit
-        if self.is_sliding:  # the window, once trimmed after the forward, plus the next token
-            window = torch.full_like(step.valid[:, 0], self.sliding_window, dtype=torch.long)
-            limit = window if limit is None else torch.minimum(limit, window)
-        if limit is not None:
-            limit = limit.repeat_interleave(self.store.heads)
+        limit = None
+        if not step.all_valid or step.length > self.store.min_free:  # else no segment grows: no limit needed
+            limit = step.row_limit
+            if self.is_sliding:  # the window, once trimmed after the forward, plus the next token
+                window = torch.full_like(step.valid[:, 0], self.sliding_window, dtype=torch.long)
+                limit = window if limit is None else torch.minimum(limit, window)
+            if limit is not None:
+                limit = limit.repeat_interleave(self.store.heads)
         self.store.append(key_states, value_states, step.positions, step.valid, slack, stats=stats,
                           all_valid=step.all_valid, limit=limit)
         self.current_view = self.store.view()

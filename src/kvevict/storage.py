@@ -35,9 +35,16 @@ class PaddedView:
         self._keys, self._values, self._gather = keys, values, gather
         self.positions = positions  # [B, H, L] int32, -1 = empty slot
         self.valid = valid  # [B, H, L] bool
-        self.row_index = row_index  # [B, H, L] int64
+        # row_index may be given as a function of nothing: a decode step's attention never reads it
+        self._row_index = row_index  # [B, H, L] int64
         self.no_empty_slots = no_empty_slots  # every segment has exactly L rows
         self.heads_aligned = heads_aligned  # every KV head of a row keeps the same positions
+
+    @property
+    def row_index(self) -> torch.Tensor:
+        if callable(self._row_index):
+            self._row_index = self._row_index()
+        return self._row_index
 
     @property
     def materialized(self) -> bool:
@@ -231,9 +238,12 @@ class LayerStore:
         if all_valid is None:
             all_valid = bool(token_valid.all())
         if all_valid:
-            extra = torch.full_like(self.seg_len, T)
-            self.reserve(extra, slack, extra_max=T, limit=limit)
-            dst = (self.seg_start + self.seg_len).view(B, H, 1) + torch.arange(T, device=self.device)
+            extra = T
+            if T > self.min_free:  # the host knows when every segment has room: no tensor work then
+                self.reserve(torch.full_like(self.seg_len, T), slack, extra_max=T, limit=limit)
+            dst = self.seg_start + self.seg_len  # one decode token: its row in every segment
+            if T > 1:
+                dst = dst.view(B, H, 1) + torch.arange(T, device=self.device)
         else:
             extra = token_valid.sum(1).repeat_interleave(H)
             self.reserve(extra, slack, limit=limit)
@@ -276,20 +286,23 @@ class LayerStore:
         max_len = self.max_len
         if self.uniform_cap is not None and self.rows == S * self.uniform_cap:
             cap = self.uniform_cap
-            slot = torch.arange(max_len, device=self.device)
-            row_index = (torch.arange(S, device=self.device) * cap).view(-1, 1) + slot.view(1, -1)
             keys = self.keys[:-1].view(S, cap, d)[:, :max_len]
             values = self.values[:-1].view(S, cap, d)[:, :max_len]
             positions = self.positions[:-1].view(S, cap)[:, :max_len]  # free slots hold -1
+
+            def rows() -> torch.Tensor:
+                slot = torch.arange(max_len, device=self.device)
+                return ((torch.arange(S, device=self.device) * cap).view(-1, 1) + slot.view(1, -1)).view(B, H, max_len)
+            row_index = rows
         else:
             if self._slot_rows is None:
                 slot = torch.arange(int(self.seg_cap.max()) if S else 0, device=self.device)
                 inside = slot.view(1, -1) < self.seg_cap.view(-1, 1)
                 self._slot_rows = torch.where(inside, self.seg_start.view(-1, 1) + slot.view(1, -1), self.rows)
-            row_index = self._slot_rows[:, :max_len]
+            row_index = self._slot_rows[:, :max_len].view(B, H, max_len)
             positions = self.positions[row_index]
             keys = values = None
-        valid = positions >= 0
+        positions = positions.reshape(B, H, max_len)
         flat_keys, flat_values = self.keys, self.values
 
         def gather():
@@ -298,9 +311,9 @@ class LayerStore:
         return PaddedView(
             keys=None if keys is None else keys.reshape(B, H, max_len, d),
             values=None if values is None else values.reshape(B, H, max_len, d),
-            positions=positions.reshape(B, H, max_len),
-            valid=valid.view(B, H, max_len),
-            row_index=row_index.view(B, H, max_len),
+            positions=positions,
+            valid=positions >= 0,
+            row_index=row_index,
             no_empty_slots=self.equal_lengths,
             heads_aligned=self.heads_aligned,
             gather=gather if keys is None else None,

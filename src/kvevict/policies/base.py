@@ -177,6 +177,7 @@ class PolicyState:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
         self.channel_prefix = ""
         self.queries: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._buffered: dict[int, int] = {}  # query positions held in `queries[layer]`
         self.warned_protected = False
 
     # ------------------------------------------------------------------ what the cache asks
@@ -256,10 +257,13 @@ class PolicyState:
         w = self.policy.query_window
         chunks = self.queries.setdefault(layer_idx, [])
         # clone: a slice would keep the whole prompt's query tensor alive
-        chunks.append((ctx.queries[..., -w:, :].detach().clone(), ctx.query_positions[-w:].clone(),
-                       ctx.query_valid[:, -w:].clone()))
-        while len(chunks) > 1 and sum(c[1].numel() for c in chunks[1:]) >= w:
-            chunks.pop(0)
+        positions = ctx.query_positions[-w:].clone()
+        chunks.append((ctx.queries[..., -w:, :].detach().clone(), positions, ctx.query_valid[:, -w:].clone()))
+        # a running count, not a sum over the chunks: decoding adds one chunk per token and layer
+        buffered = self._buffered.get(layer_idx, 0) + positions.numel()
+        while len(chunks) > 1 and buffered - chunks[0][1].numel() >= w:
+            buffered -= chunks.pop(0)[1].numel()
+        self._buffered[layer_idx] = buffered
 
     def recent_queries(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The buffered queries [B, H, G, w, d], their positions [w] and validity [B, w]."""
@@ -269,6 +273,7 @@ class PolicyState:
             joined = (torch.cat([c[0] for c in chunks], dim=-2)[..., -w:, :], torch.cat([c[1] for c in chunks])[-w:],
                       torch.cat([c[2] for c in chunks], dim=1)[:, -w:])
             self.queries[layer_idx] = [joined]
+            self._buffered[layer_idx] = joined[1].numel()
         return self.queries[layer_idx][0]
 
     def recent_attention(self, layer_idx: int, ctx: LayerContext, scale: float | torch.Tensor | None = None
