@@ -110,3 +110,29 @@ def test_the_model_stays_its_owners():
                      max_new_tokens=3)
     assert tok.padding_side == "right"
     assert model.config._attn_implementation == "eager"
+
+
+def test_decoding_buffers_exactly_the_last_window_of_queries():
+    """SnapKV's recent queries while decoding: one chunk per token, never more than the window needs, and what
+    it returns is the last `query_window` queries the layer saw (the same as a fresh attention call would)."""
+    model = tiny_model("llama")
+    window = 6
+    policy = kvevict.make_policy("snapkv", compression_ratio=0.5, observation_window=window, decode_interval=100)
+    cache = kvevict.EvictingCache(model, policy)
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, **cache_kwargs(cache))
+        for _ in range(15):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+    state, seen = cache.state, cache.seen
+    for layer in (i for i, item in enumerate(cache.layers) if item.evictable):
+        chunks = state.queries[layer]
+        assert len(chunks) == window  # one per decoded token: older ones were dropped as they arrived
+        assert sum(c[1].numel() for c in chunks) == window
+        queries, positions, valid = state.recent_queries(layer)
+        assert positions.tolist() == list(range(seen - window, seen))
+        assert queries.shape[-2] == window and bool(valid.all())
+        assert len(state.queries[layer]) == 1  # joined once, and the count follows the join
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+        assert state.recent_queries(layer)[1].tolist() == list(range(seen - window + 1, seen + 1))
+        seen += 1
