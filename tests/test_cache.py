@@ -198,6 +198,31 @@ def test_stacked_caches_answer_like_each_cache_alone():
         assert (together[row] - alone[row]).abs().max() <= 1e-4
 
 
+def test_a_stacked_cache_decodes_in_place_and_gives_its_room_back():
+    """A stacked cache has no policy: decoding inside frozen_tokens still grows its segments with room to spare
+    (not one relayout, a copy of the layer, per token), and the room goes on exit."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch((40,), seed=5)
+    caches = []
+    for name in ("snapkv", "knorm"):
+        cache = kvevict.EvictingCache(model, kvevict.make_policy(name, compression_ratio=0.5))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
+        caches.append(cache)
+    stacked = kvevict.EvictingCache.stack(caches)
+    before = stacked.nbytes()
+    token = torch.full((2, 1), 7)
+    with stacked.frozen_tokens(), torch.no_grad():
+        seen = stacked.seen
+        model(input_ids=token, attention_mask=torch.ones(2, seen + 1, dtype=torch.long), **cache_kwargs(stacked))
+        buffers = [layer.store.keys.data_ptr() for layer in stacked.layers]
+        for step in range(2, 12):
+            model(input_ids=token, attention_mask=torch.ones(2, seen + step, dtype=torch.long),
+                  **cache_kwargs(stacked))
+            assert [layer.store.keys.data_ptr() for layer in stacked.layers] == buffers  # appended in place
+    assert stacked.nbytes() == before
+
+
 def test_frozen_tokens_leave_sliding_layers_untouched(tok):
     model = tiny_model("gemma3")  # sliding window of 8 tokens on alternate layers
     context = "a context long enough to fill the sliding window several times over. " * 2

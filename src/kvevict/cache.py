@@ -214,7 +214,11 @@ class EvictingCache(Cache, HookedCache):
             )
         layer = self.layers[layer_idx]
         decoding = step.length == 1 and not self.prompt_chunks
-        slack = (self.policy.decode_interval or 128) if decoding and self.policy is not None else 0
+        slack = 0
+        if decoding and self.policy is not None:
+            slack = self.policy.decode_interval or 128
+        elif decoding and self.frozen:  # e.g. a stacked cache answering: its rows go on exit, room and all
+            slack = 128
         stats = None
         if not (self.frozen or layer.is_sliding or self.state is None):
             stats = self.state.initial_stats(layer_idx, step.forward)
