@@ -132,3 +132,24 @@ def test_segments_do_not_apply_to_padding_or_empty_heads():
     store, n = store_with_uneven_heads(1, 2, 4, [4, 5])
     assert segments_apply(store, torch.tensor([n]), 1)
     assert not segments_apply(store, torch.tensor([n, n + 1]), 2)  # these queries were not appended
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_decode_attention_matches_sdpa_gqa(dtype):
+    """evicted_attention's decode rewrite (a new token's G query heads as G rows of their KV head) against the SDPA
+    enable_gqa call it replaces, on a strided view like the store's."""
+    import torch.nn.functional as F
+
+    from kvevict.attention import evicted_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, G, L, d = 2, 3, 3, 40, 16
+    store = torch.randn(B * H * (L + 8), d, generator=g).to(dtype)
+    keys = store.view(B * H, L + 8, d)[:, :L].reshape(B, H, L, d)  # room past the end, as after a decode append
+    values = (store.view(B * H, L + 8, d)[:, :L] * 0.5 + 1).reshape(B, H, L, d)
+    positions = torch.arange(L).expand(B, H, L)
+    query = torch.randn(B, H * G, 1, d, generator=g).to(dtype)
+    out = evicted_attention(query, keys, values, torch.tensor([L - 1]), positions, 0.25, no_empty_slots=True)
+    reference = F.scaled_dot_product_attention(query, keys, values, scale=0.25, enable_gqa=True).transpose(1, 2)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.shape == reference.shape and (out.float() - reference.float()).abs().max() <= tolerance
