@@ -214,11 +214,9 @@ class EvictingCache(Cache, HookedCache):
             )
         layer = self.layers[layer_idx]
         decoding = step.length == 1 and not self.prompt_chunks
-        slack = 0
-        if decoding and self.policy is not None:
-            slack = self.policy.decode_interval or 128
-        elif decoding and self.frozen:  # e.g. a stacked cache answering: its rows go on exit, room and all
-            slack = 128
+        # decoding grows each segment with room for the next tokens (not a copy of the layer per token); a cache
+        # with no policy (a stacked one answering) grows like one that never evicts
+        slack = ((self.policy.decode_interval if self.policy is not None else None) or 128) if decoding else 0
         stats = None
         if not (self.frozen or layer.is_sliding or self.state is None):
             stats = self.state.initial_stats(layer_idx, step.forward)
