@@ -41,6 +41,31 @@ def test_gate_score_equals_the_formula():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sink_scale", [1.0, 100.0])  # 100: sink logits large enough for the log-sum-exp path
+def test_gate_inference_path_matches_the_autograd_path(sink_scale):
+    torch.manual_seed(1)
+    gate = SinkGate(hidden_size=24, kv_heads=2, group_size=3, gate_dim=4, sinks=5)
+    for p in gate.parameters():
+        p.data.normal_()
+    gate.sink_keys.data *= sink_scale
+    h = torch.randn(2, 9, 24)
+    reference = gate(h)  # gradients enabled: the step-by-step formula of `logits`
+    assert reference.requires_grad
+    with torch.no_grad():
+        fast = gate(h)
+        assert torch.allclose(fast, reference, atol=1e-6, rtol=1e-5)
+        # bfloat16 hidden states are read as float32, as the reference reads h.float()
+        hb = h.bfloat16()
+        assert torch.allclose(gate(hb), gate_reference(gate, hb.float()), atol=1e-6, rtol=1e-5)
+        gate.bias.add_(1.0)  # a parameter changed in place: the folded weights follow it
+        assert torch.allclose(gate(h), gate_reference(gate, h), atol=1e-6, rtol=1e-5)
+
+
+def gate_reference(gate, h):
+    with torch.enable_grad():
+        return gate(h).detach()
+
+
 def test_kvzip_scores_match_a_direct_computation():
     model, tok = tiny_model("llama", num_hidden_layers=2), tiny_tokenizer()
     ids = torch.randint(3, 250, (1, 40))

@@ -240,6 +240,13 @@ def segment_attention(
     S = len(seg_start)
     H = S // B
     G = Hq // H
+    if T == 1 and visible_rows is None:
+        # a decode step: each segment's G query heads side by side, as few tensor calls per segment as possible
+        groups = queries.reshape(S, 1, G, d)
+        outs = [F.scaled_dot_product_attention(groups[s:s + 1], keys[start:start + length].view(1, 1, length, d),
+                                               values[start:start + length].view(1, 1, length, d), scale=scaling)
+                for s, (start, length) in enumerate(zip(seg_start, seg_len))]
+        return torch.cat(outs).view(B, 1, Hq, d)
     out = queries.new_empty(B, T, Hq, d)
     for s in range(S):
         b, h = divmod(s, H)

@@ -33,9 +33,10 @@ class PaddedView:
     def __init__(self, keys, values, positions, valid, row_index, no_empty_slots=False, heads_aligned=False,
                  gather=None):
         self._keys, self._values, self._gather = keys, values, gather
-        self.positions = positions  # [B, H, L] int32, -1 = empty slot
-        self.valid = valid  # [B, H, L] bool
-        # row_index may be given as a function of nothing: a decode step's attention never reads it
+        # positions, valid and row_index may be given as functions of nothing: a decode step's attention that
+        # reads the segments in place never needs them, so they are built on first read
+        self._positions = positions  # [B, H, L] int32, -1 = empty slot
+        self._valid = valid  # [B, H, L] bool
         self._row_index = row_index  # [B, H, L] int64
         self.no_empty_slots = no_empty_slots  # every segment has exactly L rows
         self.heads_aligned = heads_aligned  # every KV head of a row keeps the same positions
@@ -45,6 +46,18 @@ class PaddedView:
         if callable(self._row_index):
             self._row_index = self._row_index()
         return self._row_index
+
+    @property
+    def positions(self) -> torch.Tensor:
+        if callable(self._positions):
+            self._positions = self._positions()
+        return self._positions
+
+    @property
+    def valid(self) -> torch.Tensor:
+        if callable(self._valid):
+            self._valid = self._valid()
+        return self._valid
 
     @property
     def materialized(self) -> bool:
@@ -300,24 +313,27 @@ class LayerStore:
                 inside = slot.view(1, -1) < self.seg_cap.view(-1, 1)
                 self._slot_rows = torch.where(inside, self.seg_start.view(-1, 1) + slot.view(1, -1), self.rows)
             row_index = self._slot_rows[:, :max_len].view(B, H, max_len)
-            positions = self.positions[row_index]
+            flat_positions = self.positions
+
+            def positions() -> torch.Tensor:
+                return flat_positions[row_index]
             keys = values = None
-        positions = positions.reshape(B, H, max_len)
         flat_keys, flat_values = self.keys, self.values
 
         def gather():
             return (flat_keys[row_index].view(B, H, max_len, d), flat_values[row_index].view(B, H, max_len, d))
 
-        return PaddedView(
+        view = PaddedView(
             keys=None if keys is None else keys.reshape(B, H, max_len, d),
             values=None if values is None else values.reshape(B, H, max_len, d),
-            positions=positions,
-            valid=positions >= 0,
+            positions=positions.reshape(B, H, max_len) if torch.is_tensor(positions) else positions,
+            valid=lambda: view.positions >= 0,
             row_index=row_index,
             no_empty_slots=self.equal_lengths,
             heads_aligned=self.heads_aligned,
             gather=gather if keys is None else None,
         )
+        return view
 
     def row_mask(self, view: PaddedView, mask: torch.Tensor) -> torch.Tensor:
         """A [B, H, L] bool mask laid out like `view`, per storage row: [rows] bool (False where no slot shows)."""

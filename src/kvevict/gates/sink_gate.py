@@ -55,9 +55,46 @@ class SinkGate(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Keep scores in (0, 1): [..., kv_heads] for hidden [..., hidden_size]."""
+        if not torch.is_grad_enabled():
+            return self._scores(hidden)
         l_self, l_sinks = self.logits(hidden)
         # exp(a) / (exp(a) + sum_s exp(b_s)) = sigmoid(a - logsumexp(b))
         return torch.sigmoid(l_self - l_sinks).mean(-1)
+
+    def _folded(self) -> tuple:
+        """The parameters rearranged for `_scores`, rebuilt whenever a parameter changes."""
+        params = tuple(self.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_folded_key", None) != key:
+            H, d = self.kv_heads, self.gate_dim
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight]).t()  # one projection for q and k
+            bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(H * d)])
+            # RMSNorm's weights folded in: q.k picks up w_q * w_k, the sink logits w_q * K_sink
+            pair_weight = self.q_norm.weight * self.k_norm.weight
+            sinks = self.sink_keys * self.q_norm.weight  # [H, S, d]
+            # |sink logit| <= |normalised q| |w_q * K_sink| / sqrt(d) <= max |w_q * K_sink|: exp cannot overflow
+            plain_exp = float(sinks.norm(dim=-1).max()) < 60.0
+            self._folded_state = (weight.detach(), bias.detach(), pair_weight.detach(), sinks.detach(), plain_exp)
+            self._folded_key = key
+        return self._folded_state
+
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`forward` without autograd, in fewer tensor operations: the RMSNorms enter as per-row factors (q_norm(q)
+        .k_norm(k) = rq rk sum(q w_q w_k k)) and q and k come from one matrix product. Equal to the reference up to
+        float32 rounding."""
+        H, G, d, S = self.kv_heads, self.group_size, self.gate_dim, self.sinks
+        weight, bias, pair_weight, sinks, plain_exp = self._folded()
+        lead = hidden.shape[:-1]
+        y = torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]).float(), weight)
+        N, scale = y.shape[0], 1.0 / math.sqrt(d)
+        q, k = y[:, :H * G * d], y[:, H * G * d:].view(N, H, d)
+        rq = torch.rsqrt(q.view(N, H, G, d).pow(2).mean(-1).add_(self.q_norm.eps))  # [N, H, G]
+        rk = torch.rsqrt(k.pow(2).mean(-1).add_(self.k_norm.eps))  # [N, H]
+        l_self = torch.matmul(q.view(N, H, G, d), (k * pair_weight).unsqueeze(-1)).squeeze(-1)
+        l_self = l_self.mul_(rq).mul_(rk.unsqueeze(-1) * scale).add_(self.bias)
+        l_sink = torch.einsum("nhgd,hsd->nhgs", q.view(N, H, G, d), sinks).mul_((rq * scale).unsqueeze(-1))
+        lse = l_sink.exp_().sum(-1).log_() if plain_exp else torch.logsumexp(l_sink, -1)
+        return torch.sigmoid(l_self.sub_(lse)).mean(-1).view(*lead, H)
 
 
 def gate_hyper(model, gate_dim: int = 16, sinks: int = 16) -> dict:

@@ -62,7 +62,7 @@ class FastKVzipState(PolicyState):
             return
         started = time.perf_counter()
         with torch.no_grad():
-            self.pending[layer_idx] = gate(hidden_states.float()).transpose(1, 2)  # [B, H, T]
+            self.pending[layer_idx] = gate(hidden_states).transpose(1, 2)  # [B, H, T]
         self.gate_seconds += time.perf_counter() - started
 
     def initial_stats(self, layer_idx, forward):
