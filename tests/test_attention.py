@@ -50,6 +50,30 @@ def test_fused_column_sums_match_eager(past, monkeypatch):
     assert torch.allclose(fused, eager, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fresh_prefill_hands_its_lse_to_the_column_sums(dtype):
+    """The prefill kernel that reports log-sum-exps gives SDPA's output, and column sums from its lse equal the
+    two-pass ones (bit for bit in float32: the same kernel computes the same lse)."""
+    torch.manual_seed(3)
+    B, H, G, T, d = 1, 3, 3, 40, 16
+    q, k, v = torch.randn(B, H * G, T, d, dtype=dtype), torch.randn(B, H, T, d, dtype=dtype), torch.randn(B, H, T, d, dtype=dtype)
+    pos = torch.arange(T)
+    kpos = pos.view(1, 1, T).expand(B, H, T).int()
+    lse = []
+    got = attn.evicted_attention(q, k, v, pos, kpos, 0.25, heads_aligned=True, no_empty_slots=True, lse_out=lse)
+    plain = attn.evicted_attention(q, k, v, pos, kpos, 0.25, heads_aligned=True, no_empty_slots=True)
+    assert torch.equal(got, plain)
+    assert len(lse) == 1 and lse[0].shape == (B, H * G, T)
+    weight = torch.ones(B, T)
+    queries = q.view(B, H, G, T, d)
+    handed = attn.accumulated_attention(queries, k, pos, kpos, 0.25, weight, lse=lse[0])
+    two_pass = attn.accumulated_attention(queries, k, pos, kpos, 0.25, weight)
+    if dtype == torch.float32:
+        assert torch.equal(handed, two_pass)
+    else:  # the bfloat16 kernel's own lse: float32 sums of exact bf16 products, in another order
+        assert torch.allclose(handed, two_pass, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("T", [1, 4])
 def test_hidden_keys_are_not_attended_but_a_query_sees_itself(T):
     torch.manual_seed(2)

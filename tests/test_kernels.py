@@ -81,12 +81,15 @@ def store_with_uneven_heads(B, H, d, lengths, seed=0):
 
 
 @pytest.mark.parametrize("T", [1, 5])
-def test_segment_attention_matches_masked_attention(T):
-    from kvevict.attention import evicted_attention, segment_attention, segments_apply
+@pytest.mark.parametrize("lengths", [[7, 12, 3, 20, 9, 1], [7, 7, 7, 7, 12, 12]])  # the second: runs of equal segments
+def test_segment_attention_matches_masked_attention(T, lengths):
+    from kvevict.attention import _equal_runs, evicted_attention, segment_attention, segments_apply
 
     torch.manual_seed(3)
     B, H, G, d = 2, 3, 2, 8
-    store, n = store_with_uneven_heads(B, H, d, [7, 12, 3, 20, 9, 1])
+    store, n = store_with_uneven_heads(B, H, d, lengths)
+    if lengths[0] == lengths[3]:  # equal lengths and room: equal distances, read as strided batches
+        assert [count for _, count, _ in _equal_runs(store.host_start, store.host_len)] == [4, 2]
     g = torch.Generator().manual_seed(4)
     qpos = torch.arange(n, n + T)
     store.append(torch.randn(B, H, T, d, generator=g), torch.randn(B, H, T, d, generator=g), qpos,

@@ -33,6 +33,7 @@ def deactivate(token: contextvars.Token) -> None:
     _ACTIVE.reset(token)
 
 
+_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 _QUERY_BLOCK = 256  # query rows per block when materialising probabilities (bounds memory on long prompts)
 
 
@@ -81,13 +82,16 @@ def accumulated_attention(
     query_weight: torch.Tensor,
     sliding_window: int | None = None,
     visible: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over queries (weighted by query_weight [B, T]) and the G heads of a group of the attention: [B, H, L].
 
-    Computed in blocks of query rows so a long prompt never materialises its full attention map.
+    Computed in blocks of query rows so a long prompt never materialises its full attention map. `lse` ([B, H*G, T],
+    optional): the rows' log-sum-exps if the attention computed them already (`LayerContext.attention_lse`).
     """
     B, H, G, T, _ = queries.shape
-    fast = _column_sums_flash(queries, keys, query_positions, key_positions, scale, query_weight, sliding_window, visible)
+    fast = _column_sums_flash(queries, keys, query_positions, key_positions, scale, query_weight, sliding_window, visible,
+                              lse)
     if fast is not None:
         return fast
     total = keys.new_zeros(B, H, keys.shape[2], dtype=torch.float32)
@@ -106,7 +110,8 @@ def _flash_lse(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> 
     return lse
 
 
-def _column_sums_flash(queries, keys, query_positions, key_positions, scale, query_weight, sliding_window, visible):
+def _column_sums_flash(queries, keys, query_positions, key_positions, scale, query_weight, sliding_window, visible,
+                       lse=None):
     """Column sums of the attention map without materialising it, or None where this shortcut does not apply.
 
     sum_t w_t softmax_t(j) = sum_t exp(s * q_t.k_j - lse_t + log w_t): first the row log-sum-exps lse_t, then a
@@ -114,6 +119,7 @@ def _column_sums_flash(queries, keys, query_positions, key_positions, scale, que
     dimension (q' = [s * q, log w - lse], k' = [k, 1]); its log-sum-exp is the log of each column sum. Applies on
     CPU to the common layout: every head keeps the same keys, the older ones all visible to every new query, the
     newest being the queries themselves (a fresh prefill or a later chunk), no sliding window, no hidden keys.
+    A fresh prefill's attention may hand over its lse (`lse`): then only the second pass runs.
     """
     if queries.device.type != "cpu" or sliding_window is not None or visible is not None:
         return None
@@ -131,9 +137,12 @@ def _column_sums_flash(queries, keys, query_positions, key_positions, scale, que
         return None
     q = queries.float().reshape(B, H * G, T, d)
     k = keys.float().repeat_interleave(G, dim=1)  # [B, H*G, L, d]
-    lse = _flash_lse(q, k[:, :, past:], True, scale)
-    if past:
-        lse = torch.logaddexp(lse, _flash_lse(q, k[:, :, :past], False, scale))
+    if lse is None or past:
+        lse = _flash_lse(q, k[:, :, past:], True, scale)
+        if past:
+            lse = torch.logaddexp(lse, _flash_lse(q, k[:, :, :past], False, scale))
+    else:
+        lse = lse.float()
     bias = torch.log(query_weight.float().clamp(min=1e-30)).view(B, 1, T) - lse  # padding queries weigh nothing
     q_aug = torch.cat([q * scale, bias.unsqueeze(-1)], dim=-1)  # [B, HG, T, d+1]
     k_aug = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1)  # [B, HG, L, d+1]
@@ -155,11 +164,13 @@ def evicted_attention(
     softcap: float | None = None,
     heads_aligned: bool | None = None,
     no_empty_slots: bool = False,
+    lse_out: list | None = None,
 ) -> torch.Tensor:
     """Exact attention over kept entries. queries [B, Hq, T, d]; keys/values [B, H, L, d] -> [B, T, Hq, d].
 
     `heads_aligned` (all KV heads of a row keep the same positions) and `no_empty_slots` (every slot of the view
-    holds a token) are layout facts the storage knows; they select cheaper but equivalent kernels.
+    holds a token) are layout facts the storage knows; they select cheaper but equivalent kernels. `lse_out`: a
+    list that receives the rows' log-sum-exps [B, Hq, T] when the kernel used produces them (a fresh prefill on CPU).
     """
     B, Hq, T, d = queries.shape
     H, L = keys.shape[1], keys.shape[2]
@@ -186,6 +197,14 @@ def evicted_attention(
     kpos = key_positions[:, :1] if shared else key_positions
     if shared and plain and L == T and bool((kpos == query_positions).all()):
         # a fresh prefill without padding: plain causal attention, for which SDPA skips the masked half
+        if lse_out is not None and _FUSED_CPU and queries.device.type == "cpu":
+            # the same fused kernel SDPA runs here (its GQA path repeats K/V too), asked for its log-sum-exps
+            if G > 1:
+                keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values, 0.0, True,
+                                                                                  scale=scaling)
+            lse_out.append(lse)
+            return out.transpose(1, 2)
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=G > 1)
         return out.transpose(1, 2)
     allowed = allowed_keys(query_positions, kpos, sliding_window)
@@ -203,9 +222,6 @@ def evicted_attention(
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         out = torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype), values)
     return out.reshape(B, Hq, T, d).transpose(1, 2)
-
-
-_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -240,13 +256,18 @@ def segment_attention(
     S = len(seg_start)
     H = S // B
     G = Hq // H
-    if T == 1 and visible_rows is None:
-        # a decode step: each segment's G query heads side by side, as few tensor calls per segment as possible
+    if T == 1 and visible_rows is None and keys.stride() == (d, 1) and values.stride() == (d, 1):
+        # a decode step: each segment's G query heads side by side. Consecutive segments of one length placed at
+        # a constant distance (the heads of a row, rows stacked from equal caches) are one strided batch: one call
         groups = queries.reshape(S, 1, G, d)
-        outs = [F.scaled_dot_product_attention(groups[s:s + 1], keys[start:start + length].view(1, 1, length, d),
-                                               values[start:start + length].view(1, 1, length, d), scale=scaling)
-                for s, (start, length) in enumerate(zip(seg_start, seg_len))]
-        return torch.cat(outs).view(B, 1, Hq, d)
+        outs = []
+        for first, count, stride in _equal_runs(seg_start, seg_len):
+            start, length = seg_start[first], seg_len[first]
+            size, strides = (count, 1, length, d), (stride * d, d, d, 1)
+            k = keys.as_strided(size, strides, keys.storage_offset() + start * d)
+            v = values.as_strided(size, strides, values.storage_offset() + start * d)
+            outs.append(F.scaled_dot_product_attention(groups[first:first + count], k, v, scale=scaling))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, 1, Hq, d)
     out = queries.new_empty(B, T, Hq, d)
     for s in range(S):
         b, h = divmod(s, H)
@@ -274,6 +295,21 @@ def segment_attention(
                 o = _merge((new[0][0], new[1][0]), (older[0][0, 0].view(G, T, d), older[1][0, 0].view(G, T)))
         out[b, :, h * G:(h + 1) * G] = o.transpose(0, 1)
     return out
+
+
+def _equal_runs(seg_start: list[int], seg_len: list[int]) -> list[tuple[int, int, int]]:
+    """(first segment, count, row distance) of each maximal run of consecutive segments with the same length and
+    a constant distance between their starts."""
+    runs, S, s = [], len(seg_start), 0
+    while s < S:
+        end, stride = s + 1, 0
+        if end < S and seg_len[end] == seg_len[s] and seg_start[end] > seg_start[s]:
+            stride = seg_start[end] - seg_start[s]
+            while end < S and seg_len[end] == seg_len[s] and seg_start[end] - seg_start[end - 1] == stride:
+                end += 1
+        runs.append((s, end - s, stride))
+        s = end
+    return runs
 
 
 def segments_apply(store, query_positions: torch.Tensor, T: int) -> bool:

@@ -284,11 +284,14 @@ class EvictingCache(Cache, HookedCache):
             out = segment_attention(query, store.keys, store.values, store.host_start, store.host_len, scaling,
                                     visible_rows)
         else:
+            lse = [] if ctx is not None and observer.observes and T > 1 else None
             out = evicted_attention(
                 query, view.keys, view.values, step.positions, view.positions, scaling,
                 sliding_window=layer.sliding_window, visible=visible, softcap=softcap,
-                heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots,
+                heads_aligned=view.heads_aligned, no_empty_slots=view.no_empty_slots, lse_out=lse,
             )
+            if lse:
+                ctx.attention_lse = lse[0]
         if ctx is not None and observer.observes:
             B, Hq, T, d = query.shape
             H = store.heads

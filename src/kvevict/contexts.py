@@ -93,6 +93,9 @@ class LayerContext:
     queries: torch.Tensor | None = None  # [B, H, G, T, d], RoPE applied
     query_positions: torch.Tensor | None = None  # [T]
     query_valid: torch.Tensor | None = None  # [B, T], False for padding
+    # [B, Hq, T] log-sum-exp of each query row's attention logits (scaled), when the layer's attention produced it
+    # (a fresh prefill through the fused CPU kernel): column sums of the attention then need one pass, not two
+    attention_lse: torch.Tensor | None = None
     channel_prefix: str = ""  # the reading state's namespace among the store's side channels
 
     def relative_positions(self) -> torch.Tensor:

@@ -212,10 +212,12 @@ class SampleEvaluator:
             for run in [r for r, c in caches.items() if (c.policy.decode_interval or max_new + 2) <= max_new + 1
                         and c.policy.evicts]:
                 outputs[run] = _greedy(self.model, self.tok, caches.pop(run), full, max_new, frozen=False)
-        # every other compressed context answers the same question: batched, nothing evicted while answering
-        for group in _same_size_groups(caches):
-            stacked = EvictingCache.stack([caches.pop(run) for run in group])
-            outputs.update(zip(group, _greedy_batch(self.model, self.tok, stacked, full, max_new)))
+        # every other compressed context answers the same question in one batch, nothing evicted while answering;
+        # equal-size caches side by side, so decode attention reads each run of them in one call
+        if caches:
+            runs = [run for group in _same_size_groups(caches) for run in group]
+            stacked = EvictingCache.stack([caches.pop(run) for run in runs])
+            outputs.update(zip(runs, _greedy_batch(self.model, self.tok, stacked, full, max_new)))
         rows = {}
         for run, out in outputs.items():
             prediction = self.tok.decode(out, skip_special_tokens=True)

@@ -19,7 +19,7 @@ class H2OState(PolicyState):
     def observe(self, layer_idx, ctx):
         acc = accumulated_attention(
             ctx.queries, ctx.view.keys, ctx.query_positions, ctx.view.positions, ctx.scaling,
-            ctx.query_valid, ctx.sliding_window,
+            ctx.query_valid, ctx.sliding_window, lse=ctx.attention_lse,
         )
         ctx.add_stat("h2o", acc)
 
