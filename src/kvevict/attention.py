@@ -256,18 +256,31 @@ def segment_attention(
     S = len(seg_start)
     H = S // B
     G = Hq // H
-    if T == 1 and visible_rows is None and keys.stride() == (d, 1) and values.stride() == (d, 1):
-        # a decode step: each segment's G query heads side by side. Consecutive segments of one length placed at
-        # a constant distance (the heads of a row, rows stacked from equal caches) are one strided batch: one call
-        groups = queries.reshape(S, 1, G, d)
+    if visible_rows is None and keys.stride() == (d, 1) and values.stride() == (d, 1):
+        # Consecutive segments of one length placed at a constant distance (the heads of a row, rows stacked from
+        # equal caches) are read as one strided batch: one call per run instead of one per segment
+        groups = queries.reshape(S, G, T, d)
         outs = []
         for first, count, stride in _equal_runs(seg_start, seg_len):
             start, length = seg_start[first], seg_len[first]
             size, strides = (count, 1, length, d), (stride * d, d, d, 1)
             k = keys.as_strided(size, strides, keys.storage_offset() + start * d)
             v = values.as_strided(size, strides, values.storage_offset() + start * d)
-            outs.append(F.scaled_dot_product_attention(groups[first:first + count], k, v, scale=scaling))
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, 1, Hq, d)
+            q = groups[first:first + count]  # [n, G, T, d]
+            if T == 1:  # a decode step: each segment's G query heads side by side
+                outs.append(F.scaled_dot_product_attention(q.view(count, 1, G, d), k, v, scale=scaling))
+                continue
+            past = length - T
+            k_new, v_new = k[:, :, past:].expand(count, G, T, d), v[:, :, past:].expand(count, G, T, d)
+            new = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_new, v_new, 0.0, True, scale=scaling)
+            if past == 0:
+                outs.append(new[0])
+                continue
+            older = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.reshape(count, 1, G * T, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scaling)
+            outs.append(_merge((new[0], new[1]), (older[0].view(count, G, T, d), older[1].view(count, G, T))))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.view(B, 1, Hq, d) if T == 1 else out.view(B, Hq, T, d).transpose(1, 2)
     out = queries.new_empty(B, T, Hq, d)
     for s in range(S):
         b, h = divmod(s, H)
