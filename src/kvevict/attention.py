@@ -256,58 +256,37 @@ def segment_attention(
     S = len(seg_start)
     H = S // B
     G = Hq // H
-    if visible_rows is None and keys.stride() == (d, 1) and values.stride() == (d, 1):
-        # Consecutive segments of one length placed at a constant distance (the heads of a row, rows stacked from
-        # equal caches) are read as one strided batch: one call per run instead of one per segment
-        groups = queries.reshape(S, G, T, d)
-        outs = []
-        for first, count, stride in _equal_runs(seg_start, seg_len):
-            start, length = seg_start[first], seg_len[first]
-            size, strides = (count, 1, length, d), (stride * d, d, d, 1)
-            k = keys.as_strided(size, strides, keys.storage_offset() + start * d)
-            v = values.as_strided(size, strides, values.storage_offset() + start * d)
-            q = groups[first:first + count]  # [n, G, T, d]
-            if T == 1:  # a decode step: each segment's G query heads side by side
-                outs.append(F.scaled_dot_product_attention(q.view(count, 1, G, d), k, v, scale=scaling))
-                continue
-            past = length - T
-            k_new, v_new = k[:, :, past:].expand(count, G, T, d), v[:, :, past:].expand(count, G, T, d)
-            new = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_new, v_new, 0.0, True, scale=scaling)
-            if past == 0:
-                outs.append(new[0])
-                continue
-            older = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.reshape(count, 1, G * T, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scaling)
-            outs.append(_merge((new[0], new[1]), (older[0].view(count, G, T, d), older[1].view(count, G, T))))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.view(B, 1, Hq, d) if T == 1 else out.view(B, Hq, T, d).transpose(1, 2)
-    out = queries.new_empty(B, T, Hq, d)
-    for s in range(S):
-        b, h = divmod(s, H)
-        start, length = seg_start[s], seg_len[s]
-        q = queries[b:b + 1, h * G:(h + 1) * G]  # [1, G, T, d]
-        k = keys[start:start + length].view(1, 1, length, d)
-        v = values[start:start + length].view(1, 1, length, d)
-        if T == 1:  # the group's queries side by side: [1, 1, G, d] over the segment
-            mask = None
-            if visible_rows is not None:
-                mask = visible_rows[start:start + length].clone()
-                mask[-1] = True
-                mask = mask.view(1, 1, 1, length)
-            o = F.scaled_dot_product_attention(q.reshape(1, 1, G, d), k, v, attn_mask=mask,
-                                               scale=scaling).view(G, 1, d)
-        else:
-            past = length - T
-            k_new, v_new = k[:, :, past:].expand(1, G, T, d), v[:, :, past:].expand(1, G, T, d)
-            new = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_new, v_new, 0.0, True, scale=scaling)
-            if past == 0:
-                o = new[0][0]
-            else:
-                older = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q.reshape(1, 1, G * T, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scaling)
-                o = _merge((new[0][0], new[1][0]), (older[0][0, 0].view(G, T, d), older[1][0, 0].view(G, T)))
-        out[b, :, h * G:(h + 1) * G] = o.transpose(0, 1)
-    return out
+    if keys.stride() != (d, 1) or values.stride() != (d, 1):
+        raise ValueError("segment_attention reads row-contiguous [rows, d] buffers")
+    # Consecutive segments of one length placed at a constant distance (the heads of a row, rows stacked from
+    # equal caches) are read as one strided batch: one call per run instead of one per segment
+    groups = queries.reshape(S, G, T, d)
+    if visible_rows is not None:  # each query sees its own token, the newest row of its segment
+        visible_rows = visible_rows.clone()
+        visible_rows[torch.tensor([a + n - 1 for a, n in zip(seg_start, seg_len)], device=keys.device)] = True
+    outs = []
+    for first, count, stride in _equal_runs(seg_start, seg_len):
+        start, length = seg_start[first], seg_len[first]
+        size, strides = (count, 1, length, d), (stride * d, d, d, 1)
+        k = keys.as_strided(size, strides, keys.storage_offset() + start * d)
+        v = values.as_strided(size, strides, values.storage_offset() + start * d)
+        q = groups[first:first + count]  # [n, G, T, d]
+        if T == 1:  # a decode step: each segment's G query heads side by side
+            mask = None if visible_rows is None else visible_rows.as_strided(
+                (count, 1, 1, length), (stride, 1, 1, 1), visible_rows.storage_offset() + start)
+            outs.append(F.scaled_dot_product_attention(q.view(count, 1, G, d), k, v, attn_mask=mask, scale=scaling))
+            continue
+        past = length - T
+        k_new, v_new = k[:, :, past:].expand(count, G, T, d), v[:, :, past:].expand(count, G, T, d)
+        new = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_new, v_new, 0.0, True, scale=scaling)
+        if past == 0:
+            outs.append(new[0])
+            continue
+        older = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.reshape(count, 1, G * T, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scaling)
+        outs.append(_merge((new[0], new[1]), (older[0].view(count, G, T, d), older[1].view(count, G, T))))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.view(B, 1, Hq, d) if T == 1 else out.view(B, Hq, T, d).transpose(1, 2)
 
 
 def _equal_runs(seg_start: list[int], seg_len: list[int]) -> list[tuple[int, int, int]]:

@@ -277,13 +277,15 @@ class EvictingCache(Cache, HookedCache):
         store, T = layer.store, query.shape[2]
         # keys a gate hid: per segment only for one query (a decode step), where the mask is one row per segment
         per_segment = (softcap is None and layer.sliding_window is None
-                       and ((T == 1 and not view.no_empty_slots) or (T > 1 and store.max_len > T and visible is None))
+                       and ((T == 1 and (not view.no_empty_slots or visible is not None))
+                            or (T > 1 and store.max_len > T and visible is None))
                        and segments_apply(store, step.positions, T))
         if per_segment:
-            visible_rows = None if visible is None else store.row_mask(view, visible)
             out = segment_attention(query, store.keys, store.values, store.host_start, store.host_len, scaling,
-                                    visible_rows)
+                                    visible)
         else:
+            if visible is not None:  # per storage row -> laid out like the view
+                visible = visible[view.row_index]
             lse = [] if ctx is not None and observer.observes and T > 1 else None
             out = evicted_attention(
                 query, view.keys, view.values, step.positions, view.positions, scaling,

@@ -108,7 +108,7 @@ class AttentionGateState(PolicyState):
     def key_visibility(self, layer_idx, ctx):
         if str(layer_idx) not in self.gates:
             return None
-        return ctx.stat(STAT) > 0.5
+        return ctx.store.stat_channel(ctx.channel_prefix + STAT) > 0.5  # per storage row, no gather
 
     def score(self, layer_idx, ctx):
         return ctx.stat(STAT)

@@ -234,7 +234,8 @@ class PolicyState:
             self._buffer_queries(layer_idx, ctx)
 
     def key_visibility(self, layer_idx: int, ctx: LayerContext) -> torch.Tensor | None:
-        """Optional [B, H, L] bool: keys hidden from later queries in this very forward (in-context eviction)."""
+        """Optional [rows] bool over the layer's storage rows (`ctx.store`): False for keys hidden from later
+        queries in this very forward (in-context eviction). A query always sees its own token."""
         return None
 
     def prepare_eviction(self, eviction: EvictionContext) -> None:
