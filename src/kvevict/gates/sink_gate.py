@@ -130,4 +130,7 @@ def load_gates(folder, model) -> tuple[dict, nn.ModuleDict]:
         return build_gates(gate_hyper(model, hyper["gate_dim"], hyper["sinks"]), gated_layers(model))
 
     meta, gates = read_gates(folder, "fastkvzip", model, build)
-    return meta, gates.float().eval()
+    gates = gates.float().eval()
+    for gate in gates.values():  # the inference arrangement of the weights, made once with the load
+        gate._folded()
+    return meta, gates
