@@ -67,14 +67,15 @@ class SinkGate(nn.Module):
         key = tuple((p.data_ptr(), p._version) for p in params)
         if getattr(self, "_folded_key", None) != key:
             H, d = self.kv_heads, self.gate_dim
-            weight = torch.cat([self.q_proj.weight, self.k_proj.weight]).t()  # one projection for q and k
-            bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(H * d)])
-            # RMSNorm's weights folded in: q.k picks up w_q * w_k, the sink logits w_q * K_sink
-            pair_weight = self.q_norm.weight * self.k_norm.weight
-            sinks = self.sink_keys * self.q_norm.weight  # [H, S, d]
-            # |sink logit| <= |normalised q| |w_q * K_sink| / sqrt(d) <= max |w_q * K_sink|: exp cannot overflow
-            plain_exp = float(sinks.norm(dim=-1).max()) < 60.0
-            self._folded_state = (weight.detach(), bias.detach(), pair_weight.detach(), sinks.detach(), plain_exp)
+            with torch.no_grad():
+                weight = torch.cat([self.q_proj.weight, self.k_proj.weight]).t()  # one projection for q and k
+                bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(H * d)])
+                # RMSNorm's weights folded in: q.k picks up w_q * w_k, the sink logits w_q * K_sink
+                pair_weight = self.q_norm.weight * self.k_norm.weight
+                sinks = self.sink_keys * self.q_norm.weight  # [H, S, d]
+                # |sink logit| <= |normalised q| |w_q * K_sink| / sqrt(d) <= max |w_q * K_sink|: exp cannot overflow
+                plain_exp = float(sinks.norm(dim=-1).max()) < 60.0
+            self._folded_state = (weight, bias, pair_weight, sinks, plain_exp)
             self._folded_key = key
         return self._folded_state
 
