@@ -117,9 +117,11 @@ def test_segment_attention_hides_what_a_gate_hid_but_never_the_query_itself():
     visible = torch.rand(view.positions.shape, generator=g) < 0.5
     visible[..., 0] = False  # every head hides its oldest key, the 1-token head its own query's key too
     queries = torch.randn(B, H * G, 1, d, generator=g)
+    rows_visible = torch.zeros(store.keys.shape[0], dtype=torch.bool)  # the mask per storage row
+    rows_visible[view.row_index[view.valid]] = visible[view.valid]
     assert segments_apply(store, qpos, 1)
     got = segment_attention(queries, store.keys, store.values, store.host_start, store.host_len, 0.35,
-                            store.row_mask(view, visible))
+                            rows_visible)
     want = evicted_attention(queries, view.keys, view.values, qpos, view.positions, 0.35, visible=visible,
                              heads_aligned=False, no_empty_slots=False)
     assert torch.allclose(got, want, atol=1e-5)

@@ -335,15 +335,6 @@ class LayerStore:
         )
         return view
 
-    def row_mask(self, view: PaddedView, mask: torch.Tensor) -> torch.Tensor:
-        """A [B, H, L] bool mask laid out like `view`, per storage row: [rows] bool (False where no slot shows)."""
-        rows = torch.zeros(self.keys.shape[0], dtype=torch.bool, device=self.device)
-        if view.no_empty_slots:
-            rows[view.row_index.reshape(-1)] = mask.reshape(-1)
-        else:
-            rows[view.row_index[view.valid]] = mask[view.valid]
-        return rows
-
     def gather_stat(self, name: str, view: PaddedView) -> torch.Tensor:
         """Side channel `name` laid out like `view`: [B, H, L] (0 on empty slots)."""
         channel = self.stat_channel(name)
