@@ -4,7 +4,8 @@ StreamingLLM, H2O and SnapKV at the achieved ratio (through the evaluation harne
     python benchmarks/attention_gate_eval.py --model smollm2-135m --out results/attention_gate
 
 Writes under --out: heldout_ratio.json (per source: the fraction of KV pairs the cache evicted on held-out
-documents, and the in-context perplexity with and without the gates), overhead.json (prefill and decode time with
+documents, and the in-context perplexity with and without the gates), heldout_kl.json (continuation KL to the full
+cache on held-out documents, the gates against the baselines at the achieved ratio), overhead.json (prefill and decode time with
 and without the gates, and the gates alone), train_step.json (ms per training step, before and after the fused
 flagged attention and bfloat16 autocast), eval/ (the harness's sweep: summary.csv, summary.md, per-run files)
 and summary.md.
@@ -23,7 +24,7 @@ import kvevict
 import kvevict.data
 from kvevict.compat import cache_kwargs
 from kvevict.eval import EvalConfig, run_eval
-from kvevict.gates.attention_gate import load_attention_gates, resolve_gates_dir
+from kvevict.gates.attention_gate import load_attention_gates, resolve_gates_dir, shipped_targets
 from kvevict.train.attention_gate import Corpus
 
 
@@ -57,6 +58,40 @@ def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: 
         out["sources"][source] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     out["evicted"] = 1.0 - all_kept / all_total
     return out
+
+
+def heldout_fidelity(model, tok, gates_dir: Path, ratio: float, baselines: list[str], length: int,
+                     windows_per_source: int, continuation: int, seed: int) -> dict:
+    """Continuation KL to the full cache on documents held out of the gates' training: each window's first
+    `length - continuation` tokens are compressed (by the gates in-context, or by a baseline at the same ratio),
+    then its last `continuation` tokens are teacher-forced (the harness's fidelity measure, on held-out text)."""
+    from kvevict.eval.runner import Run, SampleEvaluator
+    from kvevict.eval.tasks import Sample
+
+    _, _, meta = load_attention_gates(gates_dir, model)
+    every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
+    corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * windows_per_source)
+    cfg = EvalConfig(model="", policies=[], ratios=[], tasks=["fidelity"],
+                     policy_args={"attention-gate": {"gates": str(gates_dir)}})
+    runs = [Run("fidelity", "full", 0.0), Run("fidelity", "attention-gate", ratio),
+            *(Run("fidelity", name, ratio) for name in baselines)]
+    evaluator = SampleEvaluator(model, tok, cfg, runs)
+    rows = {run.policy: [] for run in runs}
+    for source in corpus.sources:
+        stream = corpus.held_out[source]
+        g = torch.Generator().manual_seed(seed)
+        for i in range(windows_per_source):
+            start = int(torch.randint(max(1, len(stream) - length), (1,), generator=g))
+            ids = stream[start : start + length].tolist()
+            sample = Sample("fidelity", i, context_ids=ids[: length - continuation],
+                            continuation_ids=ids[length - continuation :], meta={"source": source})
+            for run, row in evaluator(sample).items():
+                rows[run.policy].append({"source": source, "kl": row["kl"], "top1": row["top1"],
+                                         "kv_fraction": row["kv_bytes"] / row["full_bytes"]})
+    mean = {name: {k: sum(r[k] for r in rs) / len(rs) for k in ("kl", "top1", "kv_fraction")}
+            for name, rs in rows.items()}
+    return {"ratio": ratio, "length": length, "continuation": continuation, "windows": len(rows["full"]),
+            "mean": mean, "per_window": rows}
 
 
 def overhead(model, tok, gates_dir: Path, length: int, decode: int, repeats: int) -> dict:
@@ -158,11 +193,40 @@ def train_step(model, tok, gates_dir: Path, batch: int, seq_len: int, repeats: i
             "ms_each_step": {n: [round(1e3 * x) for x in t] for n, t in wall.items()}}
 
 
+def plot_training(folders: dict[float, Path], path: Path) -> None:
+    """Held-out LM loss against training tokens for each checkpoint (target ratio -> folder), from gates.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    full = None
+    for target, folder in sorted(folders.items()):
+        record = json.loads((folder / "gates.json").read_text())["training"]
+        per_step = record["config"]["batch_size"] * record["config"]["seq_len"]
+        history = record["history"]
+        ax.plot([h["step"] * per_step for h in history], [h["val_loss"] for h in history], marker=".",
+                label=f"gates, target {target:g} ({record['steps']:,} steps)")
+        full = history[-1]["full_val_loss"]
+    if full is not None:
+        ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full cache")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out LM loss (in-context eviction)")
+    ax.set_title("Attention-Gate training, held-out validation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_summary(out: Path) -> str:
     """summary.md from whatever parts exist under `out`."""
     import csv
 
     lines = ["# Attention-Gate: held-out ratio, overhead, quality vs training-free baselines", ""]
+    if (out / "training_curve.png").is_file():
+        lines += ["![held-out loss during training](training_curve.png)", ""]
     if (out / "heldout_ratio.json").is_file():
         held = json.loads((out / "heldout_ratio.json").read_text())
         lines += [f"## Achieved eviction on held-out text ({held['length']}-token prefills, target {held['target_ratio']})",
@@ -172,6 +236,14 @@ def write_summary(out: Path) -> str:
             lines.append(f"| {source} | {r['evicted']:.3f} | {r['layer_min']:.2f}..{r['layer_max']:.2f} | "
                          f"{r['ppl_gated']:.2f} | {r['ppl_full']:.2f} |")
         lines += [f"| all | {held['evicted']:.3f} | | | |", ""]
+    if (out / "heldout_kl.json").is_file():
+        kl = json.loads((out / "heldout_kl.json").read_text())
+        lines += [(f"## Continuation fidelity on held-out documents ({kl['windows']} windows of {kl['length']} "
+                   f"tokens, the last {kl['continuation']} teacher-forced; baselines at ratio {kl['ratio']:g})"), "",
+                  "| policy | KL to full cache | top-1 agreement | KV bytes kept |", "|---|---:|---:|---:|"]
+        for name, m in kl["mean"].items():
+            lines.append(f"| {name} | {m['kl']:.4f} | {m['top1']:.3f} | {m['kv_fraction']:.3f} |")
+        lines.append("")
     if (out / "overhead.json").is_file():
         o = json.loads((out / "overhead.json").read_text())
         lines += [(f"## Runtime ({o['length']}-token prefill, {o['decode_tokens']} decoded tokens, median of "
@@ -229,7 +301,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--step-repeats", type=int, default=3, help="training steps per variant (train-step part)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: heldout, overhead, train-step, eval")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: heldout, heldout-kl, overhead, train-step, eval")
+    parser.add_argument("--kl-windows", type=int, default=5, help="held-out windows per source (heldout-kl part)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +312,10 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     model, tok = kvevict.load_model(args.model, dtype=args.dtype)
     gates_dir = resolve_gates_dir(args.gates, model)
+    folders = {float(json.loads((gates_dir / "gates.json").read_text())["hyper"]["target_ratio"]): gates_dir}
+    if args.gates is None:
+        folders = shipped_targets(args.model) or folders
+    plot_training(folders, out / "training_curve.png")
 
     if "heldout" not in skip:
         t0 = time.perf_counter()
@@ -245,6 +323,15 @@ def main() -> None:
         held["seconds"] = time.perf_counter() - t0
         (out / "heldout_ratio.json").write_text(json.dumps(held, indent=2))
         print(json.dumps(held, indent=2))
+    if "heldout-kl" not in skip:
+        held = json.loads((out / "heldout_ratio.json").read_text())
+        ratio = args.ratio if args.ratio is not None else round(held["evicted"], 2)
+        t0 = time.perf_counter()
+        kl = heldout_fidelity(model, tok, gates_dir, ratio, args.baselines.split(","), args.heldout_length,
+                              args.kl_windows, 128, seed=1)
+        kl["seconds"] = time.perf_counter() - t0
+        (out / "heldout_kl.json").write_text(json.dumps(kl, indent=2))
+        print(json.dumps(kl["mean"], indent=2))
     if "overhead" not in skip:
         over = overhead(model, tok, gates_dir, 2048, args.decode_tokens, args.overhead_repeats)
         (out / "overhead.json").write_text(json.dumps(over, indent=2))

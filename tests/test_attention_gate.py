@@ -130,6 +130,15 @@ def test_one_token_fast_path_matches_the_general_gate():
         with torch.no_grad():
             gate.k.weight.mul_(1.5)
             gate.distance_bias.add_(0.3)
+    # no padding anywhere (valid None): the window is read unmasked, token after token
+    _, state = gate(hidden[:, :10])
+    for t in (10, 11):
+        fast = gate._next_token(hidden[:, t : t + 1], None, state)
+        general = gate._forward(hidden[:, t : t + 1], None, state)
+        assert torch.allclose(fast[0], general[0], atol=1e-6)
+        assert torch.allclose(fast[1].keys, general[1].keys, atol=1e-6)
+        assert torch.equal(fast[1].valid, general[1].valid) and fast[1].all_valid
+        state = fast[1]
 
 
 def test_gemma3_gates_only_global_layers():

@@ -59,6 +59,7 @@ class ForwardContext:
     seen: int  # positions seen before this forward (padding included)
     tokens_seen: torch.Tensor  # [B] real tokens seen before this forward
     row_start: torch.Tensor  # [B] position of each row's first real token (-1: none yet)
+    all_valid: bool = False  # known on the host: no token of this forward is padding
 
 
 @dataclass

@@ -96,6 +96,7 @@ class GateState:
     keys: torch.Tensor  # [B, P, heads, head_dim]
     values: torch.Tensor  # [B, P, heads, head_dim]
     valid: torch.Tensor  # [B, P] bool (False: padding)
+    all_valid: bool | None = None  # whether every slot holds a token, where known without a device sync
 
 
 class AttentionGate(nn.Module):
@@ -158,39 +159,49 @@ class AttentionGate(nn.Module):
 
     def _next_token(self, hidden, valid, state):
         """`_forward` for one token after a full window of context (decoding): the same math in a third of the
-        operations (q, k and v in one product, the window's distance bias read in slot order), since at one token
-        per forward the cost of the gate is the count of its operations, not their size."""
+        operations (q, k and v in one product, the window's attention one fused kernel with the distance bias by
+        window slot as its additive mask), since at one token per forward the cost of the gate is the count of
+        its operations, not their size. valid None: the new tokens are not padding."""
         cfg = self.config
         B = hidden.shape[0]
-        qkv_weight, bias_by_slot = self._decode_constants()
+        qkv_weight, qk_norm, bias_by_slot = self._decode_constants()
         h = hidden.to(self.proj.weight.dtype)
         x = F.linear(F.rms_norm(h, (h.shape[-1],)), self.proj.weight, self.proj.bias)  # [B, 1, proj]
         qkv = F.linear(x, qkv_weight).view(B, 3, cfg.heads, cfg.head_dim)
-        q = F.rms_norm(qkv[:, :1], (cfg.head_dim,), self.q_norm)  # [B, 1, heads, head_dim]
-        k = F.rms_norm(qkv[:, 1:2], (cfg.head_dim,), self.k_norm)
-        keys = torch.cat([state.keys, k], dim=1)  # [B, window, heads, head_dim], oldest first
+        qk = F.rms_norm(qkv[:, :2], (cfg.head_dim,)) * qk_norm  # [B, 2, heads, head_dim]: q, k
+        keys = torch.cat([state.keys, qk[:, 1:]], dim=1)  # [B, window, heads, head_dim], oldest first
         values = torch.cat([state.values, qkv[:, 2:]], dim=1)
-        if valid is None:
-            valid = torch.ones(B, 1, dtype=torch.bool, device=hidden.device)
-        key_valid = torch.cat([state.valid, valid], dim=1)  # [B, window]
-        logits = (keys * q).sum(-1).div_(math.sqrt(cfg.head_dim)).add_(bias_by_slot)  # [B, window, heads]
-        logits.masked_fill_(~key_valid.unsqueeze(-1), float("-inf"))
-        probs = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
-        attended = (probs.unsqueeze(-1) * values).sum(1)  # [B, heads, head_dim]
+        all_valid = state.all_valid
+        if all_valid is None:
+            all_valid = bool(state.valid.all())
+        if valid is None and all_valid:  # nothing to mask: no padding in the window
+            key_valid, mask = state.valid[:, :1].expand(B, cfg.window), bias_by_slot
+        else:
+            if valid is None:
+                valid = torch.ones(B, 1, dtype=torch.bool, device=hidden.device)
+            key_valid = torch.cat([state.valid, valid], dim=1)  # [B, window]
+            mask = bias_by_slot.masked_fill(~key_valid.view(B, 1, 1, cfg.window), float("-inf"))
+            all_valid = False
+        attended = F.scaled_dot_product_attention(qk[:, :1].transpose(1, 2), keys.transpose(1, 2),
+                                                  values.transpose(1, 2), attn_mask=mask)  # [B, heads, 1, hd]
+        if not all_valid:  # a padding query with only padding in its window sees nothing: 0, as `_forward` gives
+            attended = torch.nan_to_num(attended, nan=0.0)
         out = self.out(torch.cat([attended.view(B, 1, -1), x], dim=-1))
-        return torch.sigmoid(out), GateState(keys[:, 1:], values[:, 1:], key_valid[:, 1:])
+        return torch.sigmoid(out), GateState(keys[:, 1:], values[:, 1:], key_valid[:, 1:], all_valid)
 
-    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[q; k; v] weights in one matrix, and the distance bias by window slot [window, heads] (slot s holds
-        distance window - 1 - s); rebuilt whenever a parameter changed in place (training)."""
-        version = (self.q.weight._version, self.k.weight._version, self.v.weight._version,
-                   self.distance_bias._version)
+    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[q; k; v] weights in one matrix, the q and k norm weights stacked [2, 1, head_dim], and the distance bias
+        by window slot [heads, 1, window] (slot s holds distance window - 1 - s); rebuilt whenever a parameter
+        changed in place (training)."""
+        params = (self.q.weight, self.k.weight, self.v.weight, self.q_norm, self.k_norm, self.distance_bias)
+        version = tuple((p.data_ptr(), p._version) for p in params)
         if getattr(self, "_decode_cache", (None,))[0] != version:
             with torch.no_grad():
                 qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-                bias = self.distance_bias.flip(-1).t().contiguous()
-            self._decode_cache = (version, qkv, bias)
-        return self._decode_cache[1], self._decode_cache[2]
+                norms = torch.stack([self.q_norm, self.k_norm]).unsqueeze(1)
+                bias = self.distance_bias.flip(-1).unsqueeze(1).contiguous()
+            self._decode_cache = (version, qkv, norms, bias)
+        return self._decode_cache[1:]
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,

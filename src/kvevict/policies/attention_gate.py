@@ -92,8 +92,8 @@ class AttentionGateState(PolicyState):
             return
         B, T, _ = hidden_states.shape
         with torch.no_grad():
-            prob, self.gate_context[layer_idx] = self.gates[key](hidden_states, forward.valid,
-                                                                 self.gate_context.get(layer_idx))
+            prob, self.gate_context[layer_idx] = self.gates[key](
+                hidden_states, None if forward.all_valid else forward.valid, self.gate_context.get(layer_idx))
         if self.sinks_of[0] is not forward:  # the same for every layer of a forward: computed once
             sinks = forward.positions.view(1, T) < (forward.row_start.view(B, 1).clamp(min=0) + self.sink_tokens)
             self.sinks_of = (forward, sinks.unsqueeze(-1))
