@@ -87,8 +87,9 @@ def heldout_fidelity(model, tok, gates_dir: Path, ratio: float, baselines: list[
                             continuation_ids=ids[length - continuation :], meta={"source": source})
             for run, row in evaluator(sample).items():
                 rows[run.policy].append({"source": source, "kl": row["kl"], "top1": row["top1"],
+                                         "ppl_ratio": row["ppl_ratio"],
                                          "kv_fraction": row["kv_bytes"] / row["full_bytes"]})
-    mean = {name: {k: sum(r[k] for r in rs) / len(rs) for k in ("kl", "top1", "kv_fraction")}
+    mean = {name: {k: sum(r[k] for r in rs) / len(rs) for k in ("kl", "top1", "ppl_ratio", "kv_fraction")}
             for name, rs in rows.items()}
     return {"ratio": ratio, "length": length, "continuation": continuation, "windows": len(rows["full"]),
             "mean": mean, "per_window": rows}
@@ -240,9 +241,11 @@ def write_summary(out: Path) -> str:
         kl = json.loads((out / "heldout_kl.json").read_text())
         lines += [(f"## Continuation fidelity on held-out documents ({kl['windows']} windows of {kl['length']} "
                    f"tokens, the last {kl['continuation']} teacher-forced; baselines at ratio {kl['ratio']:g})"), "",
-                  "| policy | KL to full cache | top-1 agreement | KV bytes kept |", "|---|---:|---:|---:|"]
+                  "| policy | KL to full cache | top-1 agreement | perplexity / full cache's | KV bytes kept |",
+                  "|---|---:|---:|---:|---:|"]
         for name, m in kl["mean"].items():
-            lines.append(f"| {name} | {m['kl']:.4f} | {m['top1']:.3f} | {m['kv_fraction']:.3f} |")
+            ppl = f"{m['ppl_ratio']:.3f}" if "ppl_ratio" in m else ""
+            lines.append(f"| {name} | {m['kl']:.4f} | {m['top1']:.3f} | {ppl} | {m['kv_fraction']:.3f} |")
         lines.append("")
     if (out / "overhead.json").is_file():
         o = json.loads((out / "overhead.json").read_text())

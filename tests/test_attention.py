@@ -92,3 +92,26 @@ def test_hidden_keys_are_not_attended_but_a_query_sees_itself(T):
     logits = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(~(G_seen & causal), float("-inf"))
     want = (logits.softmax(-1) @ vv).transpose(1, 2)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fresh_prefill_with_hidden_keys_matches_the_masked_attention(dtype, monkeypatch):
+    """The fused path of a gate's prefill (hidden keys as a broadcast bias, a hidden own key merged back) against the
+    masked attention it replaces, the first key hidden too (its query sees only itself)."""
+    torch.manual_seed(4)
+    B, H, G, T, d = 2, 2, 3, 37, 16
+    q = torch.randn(B, H * G, T, d, dtype=dtype)
+    k, v = torch.randn(B, H, T, d, dtype=dtype), torch.randn(B, H, T, d, dtype=dtype)
+    pos = torch.arange(T)
+    kpos = pos.view(1, 1, T).expand(B, H, T).int()
+    visible = torch.rand(B, H, T) > 0.5
+    visible[0, 1, 0] = False
+    called = []
+    original = attn._flagged_prefill
+    monkeypatch.setattr(attn, "_flagged_prefill", lambda *a: called.append(1) or original(*a))
+    got = attn.evicted_attention(q, k, v, pos, kpos, 0.25, visible=visible, heads_aligned=True, no_empty_slots=True)
+    assert called
+    monkeypatch.setattr(attn, "_FUSED_CPU", False)  # the masked attention the fused path replaces
+    want = attn.evicted_attention(q, k, v, pos, kpos, 0.25, visible=visible, heads_aligned=True, no_empty_slots=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), atol=tolerance)

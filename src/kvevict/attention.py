@@ -191,6 +191,9 @@ def evicted_attention(
         logits = logits.masked_fill(hidden.unsqueeze(2), float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
         return torch.matmul(probs, values).reshape(B, Hq, 1, d).transpose(1, 2)
+    if (visible is not None and softcap is None and sliding_window is None and L == T and no_empty_slots
+            and _FUSED_CPU and queries.device.type == "cpu" and bool((key_positions == query_positions).all())):
+        return _flagged_prefill(queries, keys, values, visible, scaling)
     if heads_aligned is None:
         heads_aligned = bool((key_positions == key_positions[:, :1]).all())
     shared = heads_aligned and visible is None  # one mask serves every head
@@ -222,6 +225,30 @@ def evicted_attention(
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         out = torch.matmul(torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype), values)
     return out.reshape(B, Hq, T, d).transpose(1, 2)
+
+
+def _flagged_prefill(queries, keys, values, visible, scaling) -> torch.Tensor:
+    """A fresh prefill (no padding, every head holding the new tokens) whose keys a gate hid in-context: [B, T, Hq, d].
+
+    Query i sees key j <= i when key j is visible, and always itself. The first part is one fused causal pass with
+    the hidden keys as an additive mask broadcast over the queries ([B, Hq, 1, L], not a [T, L] map per head); a
+    query whose own key is hidden then gets that key merged in by log-sum-exp. Same result as the masked attention
+    up to float rounding (test_attention.py)."""
+    B, Hq, T, d = queries.shape
+    G = Hq // keys.shape[1]
+    if G > 1:
+        keys, values, visible = (x.repeat_interleave(G, dim=1) for x in (keys, values, visible))
+    hidden_bias = torch.zeros(visible.shape, dtype=queries.dtype, device=queries.device)
+    hidden_bias.masked_fill_(~visible, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries, keys, values, 0.0, True, attn_mask=hidden_bias.unsqueeze(2), scale=scaling)
+    own_logit = (queries.float() * keys.float()).sum(-1) * scaling  # [B, Hq, T]
+    # a query with no visible key up to itself (hidden first tokens): the kernel gives it 0 and lse 0; its own key
+    # must take all the mass
+    lse = lse.masked_fill(visible.cumsum(-1) == 0, float("-inf"))
+    with_own = _merge((out, lse), (values, own_logit))
+    out = torch.where(visible.unsqueeze(-1), out, with_own)
+    return out.transpose(1, 2)
 
 
 def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
