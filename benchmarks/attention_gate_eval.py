@@ -315,10 +315,8 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     model, tok = kvevict.load_model(args.model, dtype=args.dtype)
     gates_dir = resolve_gates_dir(args.gates, model)
-    folders = {float(json.loads((gates_dir / "gates.json").read_text())["hyper"]["target_ratio"]): gates_dir}
-    if args.gates is None:
-        folders = shipped_targets(args.model) or folders
-    plot_training(folders, out / "training_curve.png")
+    target = float(json.loads((gates_dir / "gates.json").read_text())["hyper"]["target_ratio"])
+    plot_training({**shipped_targets(args.model), target: gates_dir}, out / "training_curve.png")
 
     if "heldout" not in skip:
         t0 = time.perf_counter()
