@@ -5,8 +5,8 @@ StreamingLLM, H2O and SnapKV at the achieved ratio (through the evaluation harne
 
 Writes under --out: heldout_ratio.json (per source: the fraction of KV pairs the cache evicted on held-out
 documents, and the in-context perplexity with and without the gates), heldout_kl.json (continuation KL to the full
-cache on held-out documents, the gates against the baselines at the achieved ratio), overhead.json (prefill and decode time with
-and without the gates, and the gates alone), train_step.json (ms per training step, before and after the fused
+cache on held-out documents, the gates against the baselines at the achieved ratio), overhead.json (prefill and
+decode time with and without the gates, and the gates alone), train_step.json (ms per training step, before and after the fused
 flagged attention and bfloat16 autocast), eval/ (the harness's sweep: summary.csv, summary.md, per-run files)
 and summary.md.
 """
@@ -204,7 +204,9 @@ def plot_training(folders: dict[float, Path], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     full = None
     for target, folder in sorted(folders.items()):
-        record = json.loads((folder / "gates.json").read_text())["training"]
+        record = json.loads((folder / "gates.json").read_text()).get("training", {})
+        if not record.get("history"):  # gates saved without a training record: nothing to plot
+            continue
         per_step = record["config"]["batch_size"] * record["config"]["seq_len"]
         history = record["history"]
         ax.plot([h["step"] * per_step for h in history], [h["val_loss"] for h in history], marker=".",
