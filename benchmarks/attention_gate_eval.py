@@ -6,9 +6,9 @@ StreamingLLM, H2O and SnapKV at the achieved ratio (through the evaluation harne
 Writes under --out: heldout_ratio.json (per source: the fraction of KV pairs the cache evicted on held-out
 documents, and the in-context perplexity with and without the gates), heldout_kl.json (continuation KL to the full
 cache on held-out documents, the gates against the baselines at the achieved ratio), overhead.json (prefill and
-decode time with and without the gates, and the gates alone), train_step.json (ms per training step, before and after the fused
-flagged attention and bfloat16 autocast), eval/ (the harness's sweep: summary.csv, summary.md, per-run files)
-and summary.md.
+decode time with and without the gates, and the gates alone), train_step.json (ms per training step, before and
+after the fused flagged attention and bfloat16 autocast), eval/ (the harness's sweep: summary.csv, summary.md,
+per-run files), training_curve.png (held-out loss of the shipped checkpoints during training) and summary.md.
 """
 
 from __future__ import annotations
