@@ -50,25 +50,6 @@ def test_fused_column_sums_match_eager(past, monkeypatch):
     assert torch.allclose(fused, eager, atol=1e-5)
 
 
-def test_column_sums_pad_the_augmented_head_size_without_changing_them():
-    """The second pass runs on [s * q, bias, 0...] . [k, 1, 0...] padded to a multiple of 8: the zero columns
-    leave every column sum as the unpadded d + 1 computes it (the kernel this replaced)."""
-    torch.manual_seed(4)
-    B, H, G, T, d = 1, 3, 3, 300, 64
-    q, k = torch.randn(B, H, G, T, d), torch.randn(B, H, T, d)
-    pos = torch.arange(T)
-    kpos = pos.view(1, 1, T).expand(B, H, T).int()
-    weight = torch.ones(B, T)
-    got = attn._column_sums_flash(q, k, pos, kpos, 0.125, weight, None, None)
-    flat_q, flat_k = q.reshape(B, H * G, T, d), k.repeat_interleave(G, dim=1)
-    lse = attn._flash_lse(flat_q, flat_k, True, 0.125)
-    q_aug = torch.cat([flat_q * 0.125, -lse.unsqueeze(-1)], dim=-1)  # d + 1, unpadded
-    k_aug = torch.cat([flat_k, torch.ones_like(flat_k[..., :1])], dim=-1)
-    unpadded = attn._flash_lse(k_aug.flip(2), q_aug.flip(2), True, 1.0).flip(-1).exp().view(B, H, G, T).sum(2)
-    assert torch.allclose(got, unpadded, rtol=1e-6, atol=0)
-    assert torch.allclose(got.sum(-1), torch.full((B, H), float(G * T)), rtol=1e-4)  # every row sums to 1
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_fresh_prefill_hands_its_lse_to_the_column_sums(dtype):
     """The prefill kernel that reports log-sum-exps gives SDPA's output, and column sums from its lse equal the

@@ -144,11 +144,8 @@ def _column_sums_flash(queries, keys, query_positions, key_positions, scale, que
     else:
         lse = lse.float()
     bias = torch.log(query_weight.float().clamp(min=1e-30)).view(B, 1, T) - lse  # padding queries weigh nothing
-    # zero columns up to a multiple of 8: they add nothing to a dot product, and the kernel runs an odd head size
-    # (d + 1 = 65) about 2x slower than 72
-    pad = -(d + 1) % 8
-    q_aug = torch.cat([q * scale, bias.unsqueeze(-1), q.new_zeros(B, H * G, T, pad)], dim=-1)  # [B, HG, T, d+1+pad]
-    k_aug = torch.cat([k, torch.ones_like(k[..., :1]), k.new_zeros(B, H * G, L, pad)], dim=-1)  # [B, HG, L, d+1+pad]
+    q_aug = torch.cat([q * scale, bias.unsqueeze(-1)], dim=-1)  # [B, HG, T, d+1]
+    k_aug = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1)  # [B, HG, L, d+1]
     # newest keys: key j collects from queries t >= j (anti-causal), i.e. causal once both are reversed
     new_cols = _flash_lse(k_aug[:, :, past:].flip(2), q_aug.flip(2), True, 1.0).flip(-1)
     cols = new_cols if not past else torch.cat([_flash_lse(k_aug[:, :, :past], q_aug, False, 1.0), new_cols], dim=-1)
