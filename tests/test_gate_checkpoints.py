@@ -160,6 +160,8 @@ def test_shipped_checkpoints_pass_the_checks():
     assert len(sink_gate.load_gates(SHIPPED / "fastkvzip" / "smollm2-135m", smollm2)[1]) == 30
     assert len(attention_gate.load_attention_gates(SHIPPED / "attention-gate" / "smollm2-135m", smollm2)[1]) == 30
     assert sorted(sink_gate.load_gates(SHIPPED / "fastkvzip" / "gemma3-270m", gemma3)[1]) == ["11", "17", "5"]
+    assert sorted(attention_gate.load_attention_gates(SHIPPED / "attention-gate" / "gemma3-270m", gemma3)[1]) == [
+        "11", "17", "5"]
     qwen = tiny_model("qwen2", hidden_size=896, num_hidden_layers=24, num_key_value_heads=2, num_attention_heads=14,
                       head_dim=64, intermediate_size=8)
     assert len(sink_gate.load_gates(SHIPPED / "fastkvzip" / "qwen2.5-coder-0.5b", qwen)[1]) == 24
