@@ -29,8 +29,10 @@ from kvevict.train.attention_gate import Corpus
 
 
 def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: int, seed: int) -> dict:
-    """Per source: evicted fraction of the KV cache after a prefill of `length` held-out tokens, and perplexity."""
+    """Per source: evicted fraction of the gated layers' KV entries after a prefill of `length` held-out tokens, and
+    perplexity."""
     config, gates, meta = load_attention_gates(gates_dir, model)
+    gated = [int(layer) for layer in meta["layers"]]
     every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
     corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * windows_per_source)
     out = {"target_ratio": config.target_ratio, "length": length, "sources": {}}
@@ -48,7 +50,7 @@ def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: 
                 gated_nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
                 full_logits = model(input_ids=ids).logits  # no cache: the model's own attention
                 full_nll = torch.nn.functional.cross_entropy(full_logits[0, :-1].float(), ids[0, 1:]).item()
-            counts = cache.kept_counts().double()  # [layers, 1, heads]
+            counts = cache.kept_counts()[gated].double()  # [gated layers, 1, heads]: gemma3's sliding ones are not
             per_layer = 1.0 - counts.mean(dim=(1, 2)) / ids.shape[1]
             rows.append({"evicted": 1.0 - float(counts.mean()) / ids.shape[1], "bytes_saved": cache.compression(),
                          "layer_min": float(per_layer.min()), "layer_max": float(per_layer.max()),
