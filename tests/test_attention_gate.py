@@ -443,7 +443,8 @@ def test_shipped_gates_record_model_and_training():
 @pytest.mark.parametrize("name, target", [("smollm2-135m", None), ("smollm2-135m", 0.75), ("gemma3-270m", None)])
 def test_shipped_gates_load_for_real_models(name, target):
     """Every shipped target loads, reports its target, and evicts about that share of a real text in the layers it
-    gates (the gates are trained to it: within 0.1 on 1,000 tokens of essays)."""
+    gates (the gates are trained to it: within 0.1 on 1,000 tokens of essays; gemma3's, trained on 256-token
+    windows, evict more on longer texts: 0.57 of its held-out 2k prefills, results/attention_gate_gemma3)."""
     from kvevict.data import haystack
 
     model, tok = kvevict.load_model(name)
@@ -454,4 +455,6 @@ def test_shipped_gates_load_for_real_models(name, target):
                                     return_cache=True)
     gated = [int(layer) for layer in cache.state.meta["layers"]]  # gemma3: its 3 global layers
     evicted = 1.0 - float(cache.kept_counts()[gated].double().mean()) / cache.seen
-    assert cache.state.compression_ratio == pytest.approx(expected) and abs(evicted - expected) < 0.1
+    assert cache.state.compression_ratio == pytest.approx(expected)
+    low, high = (expected, expected + 0.15) if name == "gemma3-270m" else (expected - 0.1, expected + 0.1)
+    assert low <= evicted < high, evicted
