@@ -28,38 +28,45 @@ from kvevict.gates.attention_gate import load_attention_gates, resolve_gates_dir
 from kvevict.train.attention_gate import Corpus
 
 
+def heldout_windows(tok, meta: dict, length: int, per_source: int, seed: int):
+    """(source, ids [length]) for `per_source` random windows of each corpus's documents held out of the gates'
+    training (the checkpoint's `held_out_every`); the same windows for the same arguments."""
+    every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
+    corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * per_source)
+    for source in corpus.sources:
+        stream = corpus.held_out[source]
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(per_source):
+            start = int(torch.randint(max(1, len(stream) - length), (1,), generator=g))
+            yield source, stream[start : start + length]
+
+
 def heldout_ratio(model, tok, gates_dir: Path, length: int, windows_per_source: int, seed: int) -> dict:
     """Per source: evicted fraction of the gated layers' KV entries after a prefill of `length` held-out tokens, and
     perplexity."""
     config, gates, meta = load_attention_gates(gates_dir, model)
     gated = [int(layer) for layer in meta["layers"]]
-    every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
-    corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * windows_per_source)
-    out = {"target_ratio": config.target_ratio, "length": length, "sources": {}}
+    rows: dict[str, list[dict]] = {}
     all_kept, all_total = 0, 0
-    for source in corpus.sources:
-        stream = corpus.held_out[source]
-        g = torch.Generator().manual_seed(seed)
-        rows = []
-        for _ in range(windows_per_source):
-            start = int(torch.randint(max(1, len(stream) - length), (1,), generator=g))
-            ids = stream[start : start + length].unsqueeze(0)
-            cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(gates_dir)))
-            with torch.no_grad():
-                logits = model(input_ids=ids, **cache_kwargs(cache)).logits
-                gated_nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
-                full_logits = model(input_ids=ids).logits  # no cache: the model's own attention
-                full_nll = torch.nn.functional.cross_entropy(full_logits[0, :-1].float(), ids[0, 1:]).item()
-            counts = cache.kept_counts()[gated].double()  # [gated layers, 1, heads]: gemma3's sliding ones are not
-            per_layer = 1.0 - counts.mean(dim=(1, 2)) / ids.shape[1]
-            rows.append({"evicted": 1.0 - float(counts.mean()) / ids.shape[1], "bytes_saved": cache.compression(),
-                         "layer_min": float(per_layer.min()), "layer_max": float(per_layer.max()),
-                         "ppl_gated": float(torch.tensor(gated_nll).exp()), "ppl_full": float(torch.tensor(full_nll).exp())})
-            all_kept += float(counts.sum())
-            all_total += counts.numel() * ids.shape[1]
-        out["sources"][source] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    out["evicted"] = 1.0 - all_kept / all_total
-    return out
+    for source, window in heldout_windows(tok, meta, length, windows_per_source, seed):
+        ids = window.unsqueeze(0)
+        cache = kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(gates_dir)))
+        with torch.no_grad():
+            logits = model(input_ids=ids, **cache_kwargs(cache)).logits
+            gated_nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+            full_logits = model(input_ids=ids).logits  # no cache: the model's own attention
+            full_nll = torch.nn.functional.cross_entropy(full_logits[0, :-1].float(), ids[0, 1:]).item()
+        counts = cache.kept_counts()[gated].double()  # [gated layers, 1, heads]: gemma3's sliding ones are not
+        per_layer = 1.0 - counts.mean(dim=(1, 2)) / ids.shape[1]
+        rows.setdefault(source, []).append({
+            "evicted": 1.0 - float(counts.mean()) / ids.shape[1], "bytes_saved": cache.compression(),
+            "layer_min": float(per_layer.min()), "layer_max": float(per_layer.max()),
+            "ppl_gated": float(torch.tensor(gated_nll).exp()), "ppl_full": float(torch.tensor(full_nll).exp())})
+        all_kept += float(counts.sum())
+        all_total += counts.numel() * ids.shape[1]
+    sources = {source: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for source, rs in rows.items()}
+    return {"target_ratio": config.target_ratio, "length": length, "sources": sources,
+            "evicted": 1.0 - all_kept / all_total}
 
 
 def heldout_fidelity(model, tok, gates_dir: Path, ratio: float, baselines: list[str], length: int,
@@ -71,26 +78,20 @@ def heldout_fidelity(model, tok, gates_dir: Path, ratio: float, baselines: list[
     from kvevict.eval.tasks import Sample
 
     _, _, meta = load_attention_gates(gates_dir, model)
-    every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
-    corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * windows_per_source)
     cfg = EvalConfig(model="", policies=[], ratios=[], tasks=["fidelity"],
                      policy_args={"attention-gate": {"gates": str(gates_dir)}})
     runs = [Run("fidelity", "full", 0.0), Run("fidelity", "attention-gate", ratio),
             *(Run("fidelity", name, ratio) for name in baselines)]
     evaluator = SampleEvaluator(model, tok, cfg, runs)
     rows = {run.policy: [] for run in runs}
-    for source in corpus.sources:
-        stream = corpus.held_out[source]
-        g = torch.Generator().manual_seed(seed)
-        for i in range(windows_per_source):
-            start = int(torch.randint(max(1, len(stream) - length), (1,), generator=g))
-            ids = stream[start : start + length].tolist()
-            sample = Sample("fidelity", i, context_ids=ids[: length - continuation],
-                            continuation_ids=ids[length - continuation :], meta={"source": source})
-            for run, row in evaluator(sample).items():
-                rows[run.policy].append({"source": source, "kl": row["kl"], "top1": row["top1"],
-                                         "ppl_ratio": row["ppl_ratio"],
-                                         "kv_fraction": row["kv_bytes"] / row["full_bytes"]})
+    for i, (source, window) in enumerate(heldout_windows(tok, meta, length, windows_per_source, seed)):
+        ids = window.tolist()
+        sample = Sample("fidelity", i, context_ids=ids[: length - continuation],
+                        continuation_ids=ids[length - continuation :], meta={"source": source})
+        for run, row in evaluator(sample).items():
+            rows[run.policy].append({"source": source, "kl": row["kl"], "top1": row["top1"],
+                                     "ppl_ratio": row["ppl_ratio"],
+                                     "kv_fraction": row["kv_bytes"] / row["full_bytes"]})
     mean = {name: {k: sum(r[k] for r in rs) / len(rs) for k in ("kl", "top1", "ppl_ratio", "kv_fraction")}
             for name, rs in rows.items()}
     return {"ratio": ratio, "length": length, "continuation": continuation, "windows": len(rows["full"]),

@@ -29,7 +29,8 @@ from transformers import AttentionInterface
 import kvevict
 from kvevict.eval.metrics import fidelity_metrics
 from kvevict.gates.attention_gate import _set_impl, flagged_forward, load_attention_gates, resolve_gates_dir
-from kvevict.train.attention_gate import Corpus
+
+from attention_gate_eval import heldout_windows  # the heldout-kl part's windows (this folder is on sys.path)
 
 IMPLEMENTATION = "kvevict_recent_window_experiment"
 _SETTING: dict = {}  # records, window, context length of the forward under way
@@ -61,7 +62,7 @@ def recent_window_attention(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2).contiguous(), None
 
 
-def evicted_share(records: dict, context: int, window: int, sink_tokens: int) -> float:
+def evicted_share(records: dict, context: int, window: int) -> float:
     """Share of the gated (layer, head, context token) entries flagged and older than the window at the end of
     the context (sink tokens are never flagged)."""
     gone, total = 0, 0
@@ -77,28 +78,22 @@ def evicted_share(records: dict, context: int, window: int, sink_tokens: int) ->
 def run(model, tok, gates_dir: Path, windows: list[int], length: int, continuation: int, per_source: int,
         seed: int) -> dict:
     config, gates, meta = load_attention_gates(gates_dir, model)
-    every = meta.get("training", {}).get("config", {}).get("held_out_every", 10)
-    corpus = Corpus(tok, held_out_every=every, max_tokens_per_source=4 * length * per_source)
     AttentionInterface.register(IMPLEMENTATION, recent_window_attention)
     context = length - continuation
     rows = {w: [] for w in windows}
-    for source in corpus.sources:
-        stream = corpus.held_out[source]
-        g = torch.Generator().manual_seed(seed)  # the windows of attention_gate_eval.py's heldout-kl part
-        for _ in range(per_source):
-            start = int(torch.randint(max(1, len(stream) - length), (1,), generator=g))
-            ids = stream[start : start + length].unsqueeze(0)
-            targets = ids[0, context:]
-            with torch.no_grad():
-                full = model(input_ids=ids).logits[0, context - 1 : length - 1]
-                for w in windows:
-                    with flagged_forward(model, gates, config, straight_through=False) as records:
-                        _SETTING.update(records=records, window=w, context=context)
-                        _set_impl(model, IMPLEMENTATION)
-                        logits = model(input_ids=ids).logits[0, context - 1 : length - 1]
-                    m = fidelity_metrics(full, logits, targets)
-                    rows[w].append({"source": source, "kl": m["kl"], "top1": m["top1"], "ppl_ratio": m["ppl_ratio"],
-                                    "evicted": evicted_share(records, context, w, config.sink_tokens)})
+    for source, window in heldout_windows(tok, meta, length, per_source, seed):
+        ids = window.unsqueeze(0)
+        targets = ids[0, context:]
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[0, context - 1 : length - 1]
+            for w in windows:
+                with flagged_forward(model, gates, config, straight_through=False) as records:
+                    _SETTING.update(records=records, window=w, context=context)
+                    _set_impl(model, IMPLEMENTATION)
+                    logits = model(input_ids=ids).logits[0, context - 1 : length - 1]
+                m = fidelity_metrics(full, logits, targets)
+                rows[w].append({"source": source, "kl": m["kl"], "top1": m["top1"], "ppl_ratio": m["ppl_ratio"],
+                                "evicted": evicted_share(records, context, w)})
     mean = {w: {k: sum(r[k] for r in rs) / len(rs) for k in ("kl", "top1", "ppl_ratio", "evicted")}
             for w, rs in rows.items()}
     return {"gates": str(gates_dir), "length": length, "continuation": continuation,
