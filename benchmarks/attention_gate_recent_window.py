@@ -112,13 +112,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", default="results/attention_gate/recent_window.json")
     args = parser.parse_args()
+    windows = [int(w) for w in args.windows.split(",")]
+    if min(windows) < 0:
+        parser.error(f"--windows: recent windows are token counts >= 0, got {args.windows}")
+    if not 0 < args.continuation < args.length:
+        parser.error(f"--continuation must be in (0, --length), got {args.continuation} with --length {args.length}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = kvevict.load_model(args.model, dtype=args.dtype)
     gates_dir = resolve_gates_dir(args.gates, model)
     t0 = time.perf_counter()
-    result = run(model, tok, gates_dir, [int(w) for w in args.windows.split(",")], args.length, args.continuation,
-                 args.per_source, seed=1)
+    result = run(model, tok, gates_dir, windows, args.length, args.continuation, args.per_source, seed=1)
     result["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
