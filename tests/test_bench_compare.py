@@ -17,10 +17,11 @@ def test_every_row_is_a_ratio_of_its_own_two_timings(tmp_path):
     rows = result["rows"]
     assert {r["row"] for r in rows} == set(ROWS)
     # fastgen: the default window and every row (profile_window=None; one row when the default is every row);
-    # decode: head and global vs uniform
+    # fastkvzip: the gates in the model's precision and in float32; decode: head and global vs uniform
     windows = {r["profile_window"] for r in rows if r["row"] == "fastgen"}
     assert windows == {make_policy("fastgen").profile_window, None}
     assert [r["row"] for r in rows].count("decode") == 2
+    assert [r["gate_precision"] for r in rows if r["row"] == "fastkvzip"] == ["model", "float32"]
     for r in rows:
         assert r["plain_s"] > 0 and r["overhead_s"] > 0
         if r["row"] == "decode":  # tok/s ratio: the inverse of the seconds-per-token ratio

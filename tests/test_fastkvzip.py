@@ -10,6 +10,7 @@ from kvevict.compat import cache_kwargs
 from kvevict.gates.checkpoint import save_gates
 from kvevict.gates.sink_gate import SinkGate, build_gates, gate_hyper, gated_layers
 from kvevict.models import tiny_model, tiny_tokenizer
+from kvevict.policies.fastkvzip import FastKVzipPolicy
 from kvevict.policies.kvzip import FIRST_PROMPT, assistant_prefix
 from kvevict.train.fastkvzip import collect_document, fit, gate_metrics
 
@@ -59,6 +60,32 @@ def test_gate_inference_path_matches_the_autograd_path(sink_scale):
         assert torch.allclose(gate(hb), gate_reference(gate, hb.float()), atol=1e-6, rtol=1e-5)
         gate.bias.add_(1.0)  # a parameter changed in place: the folded weights follow it
         assert torch.allclose(gate(h), gate_reference(gate, h), atol=1e-6, rtol=1e-5)
+
+
+def test_gate_model_precision_rounds_only_the_projection():
+    torch.manual_seed(2)
+    gate = SinkGate(hidden_size=64, kv_heads=2, group_size=3, gate_dim=8, sinks=5)
+    for p in gate.parameters():
+        p.data.normal_(std=0.3)
+    h = torch.randn(3, 17, 64)
+    hb = h.bfloat16()
+    with torch.no_grad():
+        assert torch.equal(gate(h, model_precision=True), gate(h))  # float32 hidden states: nothing to round
+        exact, low = gate(hb), gate(hb, model_precision=True)
+        # the reference with q and k rounded to bfloat16 after the projection, the rest in float32
+        q = gate.q_proj(hb.float()).bfloat16().float().view(3, 17, 2, 3, 8)
+        k = gate.k_proj(hb.float()).bfloat16().float().view(3, 17, 2, 8)
+        q, k = gate.q_norm(q), gate.k_norm(k)
+        l_self = (q * k.unsqueeze(-2)).sum(-1) / 8**0.5 + gate.bias
+        l_sink = torch.einsum("...hgd,hsd->...hgs", q, gate.sink_keys) / 8**0.5
+        rounded = torch.sigmoid(l_self - torch.logsumexp(l_sink, -1)).mean(-1)
+    # the kernel may round twice (product, then + bias): same order of difference as one rounding
+    assert not torch.equal(low, exact)
+    limit = 4 * (rounded - exact).abs().max()
+    assert 0 < limit < 1e-3
+    assert (low - exact).abs().max() <= limit
+    with pytest.raises(ValueError, match="gate_precision"):
+        FastKVzipPolicy(compression_ratio=0.5, gate_precision="bf16")
 
 
 def gate_reference(gate, h):

@@ -5,7 +5,8 @@ timed next to its plain path, alternating, best of `repeats`. Rows:
 
 - fastgen: time FastGen spends profiling the prompt / a plain prefill (default `profile_window`, and every row);
 - kvzip: a KVzip prefill (its repeat passes and scoring included) / a plain prefill;
-- fastkvzip: time in the Fast KVzip gates during a prefill / a plain prefill;
+- fastkvzip: time in the Fast KVzip gates during a prefill / a plain prefill (the gates' default precision, and
+  float32);
 - decode: decode tokens/s with `head` and `global` allocation / `uniform`, all SnapKV at `ratio`, forked from one
   observed prefill and stepped in turn.
 
@@ -102,14 +103,16 @@ def compare(spec: CompareSpec, out: Path | None = None) -> dict:
         plain_s, kvzip_s = best_of(lambda: _prefill(model, EvictingCache(model, policy), ids))
         add("kvzip", "prefill with scoring passes / plain prefill", plain_s, kvzip_s, kvzip_s / plain_s)
     if "fastkvzip" in spec.rows:
-        policy = make_policy("fastkvzip", compression_ratio=spec.kvzip_ratio)
+        for precision in ("model", "float32"):
+            policy = make_policy("fastkvzip", compression_ratio=spec.kvzip_ratio, gate_precision=precision)
 
-        def gated() -> float:
-            cache = EvictingCache(model, policy)
-            _prefill(model, cache, ids)
-            return cache.state.gate_seconds
-        plain_s, gate_s = best_of(gated)
-        add("fastkvzip", "gates during prefill / plain prefill", plain_s, gate_s, gate_s / plain_s)
+            def gated(policy=policy) -> float:
+                cache = EvictingCache(model, policy)
+                _prefill(model, cache, ids)
+                return cache.state.gate_seconds
+            plain_s, gate_s = best_of(gated)
+            add("fastkvzip", f"gates during prefill / plain prefill, gate_precision={precision}", plain_s, gate_s,
+                gate_s / plain_s, gate_precision=precision)
     if "decode" in spec.rows:
         _compare_decode(model, ids, spec, add, EvictingCache, make_policy, ObserverSet)
     result = {"spec": asdict(spec), "machine": _machine(spec), "rows": results}

@@ -53,49 +53,61 @@ class SinkGate(nn.Module):
         l_sink = torch.einsum("...hgd,hsd->...hgs", q, self.sink_keys) * scale
         return l_self, torch.logsumexp(l_sink, dim=-1)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Keep scores in (0, 1): [..., kv_heads] for hidden [..., hidden_size]."""
+    def forward(self, hidden: torch.Tensor, model_precision: bool = False) -> torch.Tensor:
+        """Keep scores in (0, 1): [..., kv_heads] for hidden [..., hidden_size]. `model_precision` (inference
+        only): the input projection runs in the hidden states' own 16-bit dtype, the rest in float32."""
         if not torch.is_grad_enabled():
-            return self._scores(hidden)
+            return self._scores(hidden, model_precision)
         l_self, l_sinks = self.logits(hidden)
         # exp(a) / (exp(a) + sum_s exp(b_s)) = sigmoid(a - logsumexp(b))
         return torch.sigmoid(l_self - l_sinks).mean(-1)
 
-    def _folded(self) -> tuple:
-        """The parameters rearranged for `_scores`, rebuilt whenever a parameter changes."""
-        params = tuple(self.parameters())
-        key = tuple((p.data_ptr(), p._version) for p in params)
+    def _folded(self, dtype: torch.dtype = torch.float32) -> tuple:
+        """The parameters rearranged for `_scores`, rebuilt whenever a parameter changes; the projection's weight
+        and bias in `dtype`."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
         if getattr(self, "_folded_key", None) != key:
-            H, d = self.kv_heads, self.gate_dim
+            self._folded_key, self._folded_by_dtype = key, {}
+        if dtype not in self._folded_by_dtype:
+            H, G, d = self.kv_heads, self.group_size, self.gate_dim
             with torch.no_grad():
-                weight = torch.cat([self.q_proj.weight, self.k_proj.weight]).t()  # one projection for q and k
-                bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(H * d)])
+                weight = torch.cat([self.q_proj.weight, self.k_proj.weight])  # one projection for q and k
+                bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(H * d)]).unsqueeze(-1)
                 # RMSNorm's weights folded in: q.k picks up w_q * w_k, the sink logits w_q * K_sink
-                pair_weight = self.q_norm.weight * self.k_norm.weight
+                pair_weight = (self.q_norm.weight * self.k_norm.weight).view(1, 1, d, 1)
                 sinks = self.sink_keys * self.q_norm.weight  # [H, S, d]
                 # |sink logit| <= |normalised q| |w_q * K_sink| / sqrt(d) <= max |w_q * K_sink|: exp cannot overflow
                 plain_exp = float(sinks.norm(dim=-1).max()) < 60.0
-            self._folded_state = (weight, bias, pair_weight, sinks, plain_exp)
-            self._folded_key = key
-        return self._folded_state
+                sinks = sinks.repeat_interleave(G, dim=0)  # [H * G, S, d]: one block per query head
+            self._folded_by_dtype[dtype] = (weight.to(dtype).contiguous(), bias.to(dtype), pair_weight, sinks,
+                                            plain_exp)
+        return self._folded_by_dtype[dtype]
 
-    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`forward` without autograd, in fewer tensor operations: the RMSNorms enter as per-row factors (q_norm(q)
-        .k_norm(k) = rq rk sum(q w_q w_k k)) and q and k come from one matrix product. Equal to the reference up to
-        float32 rounding."""
+    def _scores(self, hidden: torch.Tensor, model_precision: bool = False) -> torch.Tensor:
+        """`forward` without autograd, in fewer tensor operations. The projection is computed transposed, tokens
+        last ([q heads + k heads, d, N]): every later operation runs along contiguous rows of N tokens and the
+        sink logits are one batched product per query head. q and k come from one matrix product; the RMSNorms
+        enter as per-token factors (q_norm(q).k_norm(k) = rq rk sum(q w_q w_k k)). Equal to the reference up to
+        float32 rounding; with `model_precision` and 16-bit hidden states the projection is rounded to that
+        dtype (on CPUs with AMX-BF16 it then runs ~3x faster)."""
         H, G, d, S = self.kv_heads, self.group_size, self.gate_dim, self.sinks
-        weight, bias, pair_weight, sinks, plain_exp = self._folded()
+        low = model_precision and hidden.dtype in (torch.bfloat16, torch.float16)
+        weight, bias, pair_weight, sinks, plain_exp = self._folded(hidden.dtype if low else torch.float32)
         lead = hidden.shape[:-1]
-        y = torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]).float(), weight)
-        N, scale = y.shape[0], 1.0 / math.sqrt(d)
-        q, k = y[:, :H * G * d], y[:, H * G * d:].view(N, H, d)
-        rq = torch.rsqrt(q.view(N, H, G, d).pow(2).mean(-1).add_(self.q_norm.eps))  # [N, H, G]
-        rk = torch.rsqrt(k.pow(2).mean(-1).add_(self.k_norm.eps))  # [N, H]
-        l_self = torch.matmul(q.view(N, H, G, d), (k * pair_weight).unsqueeze(-1)).squeeze(-1)
-        l_self = l_self.mul_(rq).mul_(rk.unsqueeze(-1) * scale).add_(self.bias)
-        l_sink = torch.einsum("nhgd,hsd->nhgs", q.view(N, H, G, d), sinks).mul_((rq * scale).unsqueeze(-1))
-        lse = l_sink.exp_().sum(-1).log_() if plain_exp else torch.logsumexp(l_sink, -1)
-        return torch.sigmoid(l_self.sub_(lse)).mean(-1).view(*lead, H)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        y = torch.addmm(bias, weight, flat.t()).float() if low else torch.addmm(bias, weight, flat.float().t())
+        N, scale = y.shape[1], 1.0 / math.sqrt(d)
+        y = y.view(H * G + H, d, N)  # q's heads, then k's
+        q, k = y[:H * G], y[H * G:]
+        mean_square = y.pow(2).mean(1)  # [H * G + H, N]
+        rq = torch.rsqrt(mean_square[:H * G] + self.q_norm.eps)  # [H * G, N]
+        rk = torch.rsqrt(mean_square[H * G:] + self.k_norm.eps)  # [H, N]
+        l_self = (q.view(H, G, d, N) * (k.unsqueeze(1) * pair_weight)).sum(2).view(H * G, N)
+        l_self = l_self.mul_(rq).mul_((rk * scale).repeat_interleave(G, dim=0)).add_(self.bias.view(H * G, 1))
+        l_sink = torch.bmm(sinks, q).mul_((rq * scale).unsqueeze(1))  # [H * G, S, N]
+        lse = l_sink.exp_().sum(1).log_() if plain_exp else torch.logsumexp(l_sink, 1)
+        keep = torch.sigmoid(l_self.sub_(lse)).view(H, G, N).mean(1)  # [H, N]
+        return keep.t().reshape(*lead, H)
 
 
 def gate_hyper(model, gate_dim: int = 16, sinks: int = 16) -> dict:
