@@ -298,10 +298,15 @@ def segment_attention(
         k = keys.as_strided(size, strides, keys.storage_offset() + start * d)
         v = values.as_strided(size, strides, values.storage_offset() + start * d)
         q = groups[first:first + count]  # [n, G, T, d]
-        if T == 1:  # a decode step: each segment's G query heads side by side
+        if T == 1:  # a decode step
             mask = None if visible_rows is None else visible_rows.as_strided(
                 (count, 1, 1, length), (stride, 1, 1, 1), visible_rows.storage_offset() + start)
-            outs.append(F.scaled_dot_product_attention(q.view(count, 1, G, d), k, v, attn_mask=mask, scale=scaling))
+            if count == 1:  # one segment: its G query heads as heads, so that the kernel can use two threads
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=G > 1)
+                outs.append(out.reshape(1, 1, G, d))
+            else:  # each segment's G query heads side by side as query rows
+                outs.append(F.scaled_dot_product_attention(q.view(count, 1, G, d), k, v, attn_mask=mask,
+                                                           scale=scaling))
             continue
         past = length - T
         k_new, v_new = k[:, :, past:].expand(count, G, T, d), v[:, :, past:].expand(count, G, T, d)
