@@ -72,13 +72,13 @@ def cost(model, tok, folder, length: int, ratio: float, decode: int, repeats: in
             best[name] = [min(old[0], prefill_s), min(old[1], decode_s)]
             saved = cache.compression()
     _, gates = load_gates(folder, model)
-    hidden = torch.randn(length, model.config.hidden_size)
+    hidden = torch.randn(length, model.config.hidden_size, dtype=model.dtype)  # as the gates get them in the model
     gates_alone = float("inf")
     with torch.no_grad():
         for _ in range(repeats):
             t0 = time.perf_counter()
             for gate in gates.values():
-                gate(hidden)
+                gate(hidden, model_precision=True)  # the policy's default gate_precision
             gates_alone = min(gates_alone, time.perf_counter() - t0)
     return {"length": ids.shape[1], "ratio": ratio, "repeats": repeats, "decode_tokens": decode,
             "threads": torch.get_num_threads(), "prefill_s": {k: v[0] for k, v in best.items()},
