@@ -208,8 +208,8 @@ def _machine(spec: BenchSpec) -> dict:
 
 
 def _cpu_bf16_flags() -> list[str]:
-    """The CPU's bfloat16 matrix extensions (Linux): with AMX-BF16 a bf16 model runs several times faster, which
-    moves every overhead ratio measured against it."""
+    """The CPU's bfloat16 extensions (Linux: AVX512-BF16, AMX): with AMX-BF16 a bf16 model runs several times
+    faster, which moves every overhead ratio measured against it."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

@@ -11,8 +11,8 @@ entering each attention layer, during the very forward pass that fills the cache
 - `compression_ratio` defaults to the ratio the gates were trained for (recorded in their checkpoint).
 - Precision (our choice): in a bfloat16/float16 model the gates' input projection runs in that dtype and the rest
   of the gate in float32 (`gate_precision="model"`, the default; "float32" computes all of it in float32). On
-  smollm2 at 4k and ratio 0.7 the two kept sets differ in ~0.2% of their entries; the projection runs ~3x faster
-  on CPUs with AMX-BF16 (docs/BENCHMARKS.md).
+  smollm2 at 4k and ratio 0.7 the two kept sets differ in 0.15-0.20% of their entries; the gate runs ~2.5x faster
+  on CPUs with AMX-BF16 (benchmarks/fastkvzip_gate_precision.py).
 
 Gates are shipped for the embedded models (gates/checkpoints/fastkvzip/<model>/); `gates=DIR` loads others.
 A checkpoint made for another model is refused.
