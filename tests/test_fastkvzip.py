@@ -170,6 +170,35 @@ def test_fastkvzip_prefill_chunks_threshold_globally_outside_the_window(tmp_path
     assert last_evicted and max(last_evicted) <= min(survivors) + 1e-6
 
 
+def test_gate_precision_reaches_the_scores_a_bfloat16_model_stores(tmp_path):
+    from kvevict.hooks import attention_modules
+
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    folder = _tiny_gates(model, tmp_path)
+    ids, _ = left_padded_batch((50,), seed=3)
+    hidden = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: hidden.__setitem__(i, kwargs["hidden_states"][0]), with_kwargs=True)
+        for i, m in enumerate(attention_modules(model))]
+    stored = {}
+    try:
+        for precision in ("model", "float32"):
+            policy = kvevict.make_policy("fastkvzip", gates=str(folder), compression_ratio=0.0,
+                                         gate_precision=precision)
+            cache = kvevict.EvictingCache(model, policy)
+            with torch.no_grad():
+                model(input_ids=ids, **cache_kwargs(cache))
+            store = cache.layers[0].store
+            stored[precision] = store.gather_stat("fastkvzip", store.view())[0].float()  # [H, 50]
+            with torch.no_grad():
+                direct = cache.state.gates["0"](hidden[0], model_precision=precision == "model").T
+            assert torch.allclose(stored[precision], direct.float(), atol=1e-6)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not torch.equal(stored["model"], stored["float32"])
+
+
 def test_fastkvzip_decode_keeps_newest_interval_and_the_target(tmp_path):
     model = tiny_model("llama")
     folder = _tiny_gates(model, tmp_path, target=0.5)
