@@ -26,9 +26,9 @@ from kvevict.gates.checkpoint import shipped_gates
 from kvevict.gates.sink_gate import load_gates
 
 
-def kept_sets(model, ids, ratio: float, precision: str) -> list[set]:
-    cache = kvevict.EvictingCache(model, kvevict.make_policy("fastkvzip", compression_ratio=ratio,
-                                                             gate_precision=precision))
+def kept_sets(model, ids, policy) -> list[set]:
+    """The (layer, KV head, position) entries `policy` keeps after one prefill of `ids` and an eviction."""
+    cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
         model(input_ids=ids, **cache_kwargs(cache), logits_to_keep=1)
         cache.evict()
@@ -57,7 +57,8 @@ def main() -> None:
     prompts = []
     for i in range(args.prompts):
         ids = tok(haystack(tok, args.length, offset=5 * i), return_tensors="pt").input_ids
-        sets = {p: kept_sets(model, ids, args.ratio, p) for p in ("model", "float32")}
+        sets = {p: kept_sets(model, ids, kvevict.make_policy("fastkvzip", compression_ratio=args.ratio,
+                                                              gate_precision=p)) for p in ("model", "float32")}
         kept = sum(len(s) for s in sets["float32"])
         differ = sum(len(a ^ b) for a, b in zip(sets["model"], sets["float32"]))
         prompts.append({"tokens": ids.shape[1], "kept": kept, "in_one_set_only": differ, "share": differ / kept})

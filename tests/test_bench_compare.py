@@ -17,11 +17,13 @@ def test_every_row_is_a_ratio_of_its_own_two_timings(tmp_path):
     rows = result["rows"]
     assert {r["row"] for r in rows} == set(ROWS)
     # fastgen: the default window and every row (profile_window=None; one row when the default is every row);
-    # fastkvzip: the gates in the model's precision and in float32; decode: head and global vs uniform
+    # fastkvzip and kvzip: the gates / scores in the model's precision and in float32; decode: head and global vs
+    # uniform
     windows = {r["profile_window"] for r in rows if r["row"] == "fastgen"}
     assert windows == {make_policy("fastgen").profile_window, None}
     assert [r["row"] for r in rows].count("decode") == 2
     assert [r["gate_precision"] for r in rows if r["row"] == "fastkvzip"] == ["model", "float32"]
+    assert [r["score_precision"] for r in rows if r["row"] == "kvzip"] == ["model", "float32"]
     for r in rows:
         assert r["plain_s"] > 0 and r["overhead_s"] > 0
         if r["row"] == "decode":  # tok/s ratio: the inverse of the seconds-per-token ratio

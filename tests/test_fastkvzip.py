@@ -127,6 +127,24 @@ def test_kvzip_scores_match_a_direct_computation():
             assert torch.allclose(got[h, : len(kept)][kept >= protected], expected[h, chunk], atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["model", "float32"])
+def test_kvzip_score_precision_reaches_the_scoring(precision, monkeypatch):
+    import kvevict.policies.kvzip as kvzip
+
+    calls, scoring = [], kvzip.repeat_scores
+
+    def recorded(*args, model_precision=False):
+        calls.append(model_precision)
+        return scoring(*args, model_precision=model_precision)
+    monkeypatch.setattr(kvzip, "repeat_scores", recorded)
+    model, tok = tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16), tiny_tokenizer()
+    policy = kvevict.make_policy("kvzip", compression_ratio=0.5, tokenizer=tok, score_precision=precision)
+    cache = kvevict.EvictingCache(model, policy)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 250, (1, 40)), **cache_kwargs(cache))
+    assert calls == [precision == "model"] * 2  # one repeat pass, two layers
+
+
 def _tiny_gates(model, tmp_path, target=0.6, seed=1):
     torch.manual_seed(seed)
     layers = gated_layers(model)

@@ -62,6 +62,33 @@ def test_kvzip_repeat_scores_with_a_missing_repeat_row():
     assert torch.allclose(got[in_chunk], want[in_chunk], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not kvzip._FUSED_CPU, reason="the model-precision scores run on the fused CPU kernels")
+@pytest.mark.parametrize("block_elements", [2**24, 2**9])  # one block of rows, and many
+def test_kvzip_scores_in_model_precision(block_elements, monkeypatch):
+    """16-bit queries and keys: each score is the float32 probability at the row a 16-bit product picked, so it is
+    never above the float32 max and below it by at most that product's rounding (twice half a 16-bit ulp of the
+    log-probability); most keys get the max itself. Both up to the fused 16-bit kernels' log-sum-exps, which are
+    within ~6e-5 of float32's (`lse_error`). In float32 precision the same inputs give the float32 max."""
+    monkeypatch.setattr(kvzip, "_BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(2)
+    B, H, G, d, context, repeat = 1, 2, 3, 16, 120, 60
+    kpos = replay_layout(B, H, context, repeat)
+    keys = (2 * torch.randn(B, H, kpos.shape[-1], d)).bfloat16()
+    queries = (2 * torch.randn(B, H, G, repeat, d)).bfloat16()
+    qpos = torch.arange(context, context + repeat)
+    args = (queries, keys, kpos, qpos, 0.25, 4, (10, 100), context)
+    want = kvzip_scores_dense(*args)  # float32 from the same 16-bit values
+    in_chunk = (kpos >= 10) & (kpos < 100)
+    exact = kvzip.repeat_scores(*args, model_precision=False)
+    assert torch.allclose(exact[in_chunk], want[in_chunk], atol=1e-6, rtol=1e-5)
+    got = kvzip.repeat_scores(*args, model_precision=True)
+    log_want, log_got = want[in_chunk].log(), got[in_chunk].log()
+    gap, lse_error = log_want - log_got, 1e-4
+    assert bool((gap >= -lse_error).all())
+    assert bool((gap <= 2**-8 * log_want.abs() + lse_error).all())
+    assert (gap.abs() < lse_error).float().mean() > 0.9
+
+
 def store_with_uneven_heads(B, H, d, lengths, seed=0):
     """A LayerStore whose segments keep the given numbers of tokens (per batch row and head), in position order."""
     from kvevict.storage import LayerStore

@@ -40,6 +40,7 @@ NAN, INF = float("nan"), float("inf")
     ("ahakv", {"recent_rows": np.float32(8)}, "recent_rows"),
     ("kvzip", {"chunk_size": 100.0}, "chunk_size"),
     ("kvzip", {"prompt_overlap": None}, "prompt_overlap"),
+    ("kvzip", {"score_precision": "bf16"}, "score_precision"),
     ("fastgen", {"recovery": NAN}, "recovery"),
     ("fastgen", {"local_ratio": NAN}, "local_ratio"),
     ("fastgen", {"frequent_ratio": INF}, "frequent_ratio"),

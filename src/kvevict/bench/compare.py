@@ -4,7 +4,8 @@ On a shared machine absolute seconds drift from run to run, ratios taken in one 
 timed next to its plain path, alternating, best of `repeats`. Rows:
 
 - fastgen: time FastGen spends profiling the prompt / a plain prefill (default `profile_window`, and every row);
-- kvzip: a KVzip prefill (its repeat passes and scoring included) / a plain prefill;
+- kvzip: a KVzip prefill (its repeat passes and scoring included) / a plain prefill (the scores' default
+  precision, and float32);
 - fastkvzip: time in the Fast KVzip gates during a prefill / a plain prefill (the gates' default precision, and
   float32);
 - decode: decode tokens/s with `head` and `global` allocation / `uniform`, all SnapKV at `ratio`, forked from one
@@ -99,9 +100,11 @@ def compare(spec: CompareSpec, out: Path | None = None) -> dict:
             add("fastgen", f"profiling, profile_window={window}", plain_s, profile_s, profile_s / plain_s,
                 profile_window=window)
     if "kvzip" in spec.rows:
-        policy = make_policy("kvzip", compression_ratio=spec.kvzip_ratio, tokenizer=tok)
-        plain_s, kvzip_s = best_of(lambda: _prefill(model, EvictingCache(model, policy), ids))
-        add("kvzip", "prefill with scoring passes / plain prefill", plain_s, kvzip_s, kvzip_s / plain_s)
+        for precision in ("model", "float32"):
+            policy = make_policy("kvzip", compression_ratio=spec.kvzip_ratio, tokenizer=tok, score_precision=precision)
+            plain_s, kvzip_s = best_of(lambda policy=policy: _prefill(model, EvictingCache(model, policy), ids))
+            add("kvzip", f"prefill with scoring passes / plain prefill, score_precision={precision}", plain_s, kvzip_s,
+                kvzip_s / plain_s, score_precision=precision)
     if "fastkvzip" in spec.rows:
         for precision in ("model", "float32"):
             policy = make_policy("fastkvzip", compression_ratio=spec.kvzip_ratio, gate_precision=precision)

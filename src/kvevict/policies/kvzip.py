@@ -16,7 +16,9 @@ dominates (docs/BENCHMARKS.md).
 
 Choices where the paper leaves room (parameters): the protected prefix is the chat template's opening (system
 turn) when the context starts with it, and at least `sink_tokens`; tokens decoded later are scored by the same
-repeat pass, `decode_interval` tokens at a time. Scores one sequence at a time (batch size 1).
+repeat pass, `decode_interval` tokens at a time; in a 16-bit model on CPU the scores' products run in the model's
+dtype (`score_precision="model"`, the default; "float32" computes them in float32). Scores one sequence at a time
+(batch size 1).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from .base import Policy, PolicyState
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 _QUERY_BLOCK = 256
+_BLOCK_ELEMENTS = 2**24  # logits per block of repeat rows in the scoring (64 MiB in float32)
+SCORE_PRECISIONS = ("model", "float32")
 _FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -82,7 +86,7 @@ class KVzipState(PolicyState):
         kpos = ctx.view.positions
         in_chunk = (kpos >= start) & (kpos < stop)
         scores = repeat_scores(ctx.queries, ctx.view.keys, kpos, ctx.query_positions, ctx.scaling, self.protected,
-                               (start, stop), repeat_start)
+                               (start, stop), repeat_start, model_precision=self.policy.score_precision == "model")
         ctx.set_stat("kvzip", torch.where(in_chunk, scores, ctx.stat("kvzip")))
 
     # ------------------------------------------------------------------ scoring passes
@@ -134,6 +138,9 @@ class KVzipPolicy(Policy):
     sink_tokens: int = 4
     chunk_size: int = 2000
     prompt_overlap: int = 8  # tokens of the previous chunk quoted in a later chunk's repeat prompt
+    # "model": in a 16-bit model on CPU the scoring's products take the model's dtype (float32 accumulation, one
+    # rounding per score); "float32": every product in float32
+    score_precision: str = "model"
     tokenizer: object = field(default=None, repr=False, compare=False)
     name = "kvzip"
     State = KVzipState
@@ -142,6 +149,8 @@ class KVzipPolicy(Policy):
         super().validate()
         self._check_count("chunk_size", minimum=16)
         self._check_count("prompt_overlap")
+        if self.score_precision not in SCORE_PRECISIONS:
+            raise ValueError(f"score_precision must be one of {SCORE_PRECISIONS}, got {self.score_precision!r}")
 
 
 def _slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +190,7 @@ def repeat_scores(
     protected: int,
     chunk: tuple[int, int],
     repeat_start: int,
+    model_precision: bool = False,
 ) -> torch.Tensor:
     """KVzip's score of every chunk key: max over the repeat queries and the G heads of a group of the attention
     probability, the softmax running over [protected prefix; chunk; repeat tokens (causal)] only: [B, H, L] fp32
@@ -190,40 +200,82 @@ def repeat_scores(
     layer's view with key_positions [B, H, L] (-1 = empty slot). Only the chunk's columns of the map are built, a
     block of rows at a time; the repeat tokens' share of each row's normaliser comes from a fused causal kernel.
     max_t softmax_t(j) = exp(max_t (logit_tj - lse_t)), so no probability map is needed either.
+
+    `model_precision`: with 16-bit queries on CPU, the products run in their dtype (accumulating in float32) and
+    each logit_tj - lse_t is rounded to it once (`_max_shifted_logits`); elsewhere, or when False, all in float32.
     """
     B, H, G, T, d = queries.shape
     start, stop = chunk
-    q = queries.float()
+    fused = queries.device.type == "cpu" and _FUSED_CPU
+    low = model_precision and fused and queries.dtype in (torch.float16, torch.bfloat16)
+    q = queries if low else queries.float()
     context = (key_positions >= 0) & ((key_positions < protected) | ((key_positions >= start) & (key_positions < stop)))
     repeat = key_positions >= repeat_start
     rep_index, rep_filled = _slots(repeat)
-    rep_keys = keys.gather(2, rep_index.unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    rep_keys = keys.gather(2, rep_index.unsqueeze(-1).expand(-1, -1, -1, d)).to(q.dtype)
     rep_pos = key_positions.gather(2, rep_index)
     if bool(rep_filled.all()) and rep_pos.shape[-1] == T and bool((rep_pos == query_positions.view(1, 1, -1)).all()):
         rep_lse = _causal_lse(q, rep_keys, scale)
     else:  # not the layout a replay leaves (every head holding all repeat tokens): mask by positions
         visible = rep_filled.unsqueeze(2) & (rep_pos.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
-        logits = torch.einsum("bhgtd,bhld->bhgtl", q, rep_keys).mul_(scale)
+        logits = torch.einsum("bhgtd,bhld->bhgtl", q.float(), rep_keys.float()).mul_(scale)
         rep_lse = logits.masked_fill_(~visible.unsqueeze(2), float("-inf")).logsumexp(-1)
     ctx_index, ctx_filled = _slots(context)
-    ctx_keys = keys.gather(2, ctx_index.unsqueeze(-1).expand(-1, -1, -1, d)).float()
+    ctx_keys = keys.gather(2, ctx_index.unsqueeze(-1).expand(-1, -1, -1, d)).to(q.dtype)
     C = ctx_index.shape[-1]
     all_filled = bool(ctx_filled.all())
-    if all_filled and queries.device.type == "cpu" and _FUSED_CPU:  # the group's queries side by side, no mask
+    if all_filled and fused:  # the group's queries side by side, no mask
         _, ctx_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.reshape(B, H, G * T, d), ctx_keys, ctx_keys, 0.0, False, scale=scale)[:2]
         lse = torch.logaddexp(ctx_lse.view(B, H, G, T), rep_lse)
     else:
         lse = None
-    best = torch.full(ctx_index.shape, float("-inf"), device=keys.device)
-    rows = max(16, 2**24 // max(1, B * H * G * C))  # about 64 MiB of logits per block
-    keys_t = ctx_keys.transpose(-1, -2).unsqueeze(2)  # [B, H, 1, d, C]
-    for b0 in range(0, T, rows):
-        logits = torch.matmul(q[..., b0:b0 + rows, :], keys_t).mul_(scale)  # [B, H, G, t, C]
-        if not all_filled:
-            logits.masked_fill_(~ctx_filled[:, :, None, None, :], float("-inf"))
-        block_lse = lse[..., b0:b0 + rows] if lse is not None else torch.logaddexp(
-            torch.logsumexp(logits, dim=-1), rep_lse[..., b0:b0 + rows])
-        best = torch.maximum(best, logits.sub_(block_lse.unsqueeze(-1)).amax(dim=(2, 3)))
+    if low and lse is not None:
+        best = _max_shifted_logits(q, ctx_keys, lse, scale)
+    else:
+        q, ctx_keys = q.float(), ctx_keys.float()
+        best = torch.full(ctx_index.shape, float("-inf"), device=keys.device)
+        rows = max(16, _BLOCK_ELEMENTS // max(1, B * H * G * C))
+        keys_t = ctx_keys.transpose(-1, -2).unsqueeze(2)  # [B, H, 1, d, C]
+        for b0 in range(0, T, rows):
+            logits = torch.matmul(q[..., b0:b0 + rows, :], keys_t).mul_(scale)  # [B, H, G, t, C]
+            if not all_filled:
+                logits.masked_fill_(~ctx_filled[:, :, None, None, :], float("-inf"))
+            block_lse = lse[..., b0:b0 + rows] if lse is not None else torch.logaddexp(
+                torch.logsumexp(logits, dim=-1), rep_lse[..., b0:b0 + rows])
+            best = torch.maximum(best, logits.sub_(block_lse.unsqueeze(-1)).amax(dim=(2, 3)))
     out = torch.zeros(key_positions.shape, dtype=torch.float32, device=keys.device)
     return out.scatter_(-1, ctx_index, torch.where(ctx_filled, best.exp(), 0.0))
+
+
+def _max_shifted_logits(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """max over the G heads and T rows of scale * q_t.k_j - lse_t, for every key: [B, H, C] fp32.
+
+    queries [B, H, G, T, d] and keys [B, H, C, d] in a 16-bit dtype, lse [B, H, G, T] fp32. One product per block
+    in the queries' dtype finds each key's best row: k' = [k, 1, 1] against q' = [q, -hi, -lo], where hi + lo =
+    lse / scale (split so that the shift keeps float32's precision), accumulated in float32 and rounded once to the
+    16-bit dtype. The value returned is then recomputed in float32 at that row: it differs from the float32 max
+    only where another row came within that rounding of it. Keys come first so that the max runs along
+    contiguous rows."""
+    B, H, G, T, d = queries.shape
+    C = keys.shape[2]
+    q_flat = queries.reshape(B * H, G * T, d)
+    k_flat = keys.reshape(B * H, C, d)
+    lse_flat = lse.reshape(B * H, G * T)
+    shift = (lse_flat / scale).unsqueeze(-1)
+    hi = shift.to(queries.dtype)
+    lo = (shift - hi.float()).to(queries.dtype)
+    q_aug = torch.cat([q_flat, -hi, -lo], dim=-1)  # [BH, GT, d + 2]
+    k_aug = torch.cat([k_flat, keys.new_ones(B * H, C, 2)], dim=-1)  # [BH, C, d + 2]
+    best = row = None
+    rows = max(16, _BLOCK_ELEMENTS // max(1, B * H * C))
+    for r0 in range(0, G * T, rows):
+        value, index = torch.bmm(k_aug, q_aug[:, r0:r0 + rows].transpose(1, 2)).max(dim=-1)  # [BH, C]
+        if best is None:
+            best, row = value, index
+        else:
+            better = value > best
+            best, row = torch.where(better, value, best), torch.where(better, index + r0, row)
+    q_best = q_flat.gather(1, row.unsqueeze(-1).expand(-1, -1, d)).float()  # [BH, C, d]
+    exact = (q_best * k_flat.float()).sum(-1).mul_(scale) - lse_flat.gather(1, row)
+    return exact.view(B, H, C)
