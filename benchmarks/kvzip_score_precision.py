@@ -3,8 +3,8 @@
 For `--prompts` essay prompts of `--length` tokens (bfloat16 model, ratio `--ratio`), one KVzip prefill and
 eviction with `score_precision="model"` and one with "float32", then a plain prefill (the `full` policy), the three
 alternated `--repeats` times. Reports the share of kept (layer, KV head, position) entries found in only one of the
-two kept sets, and each precision's prefill time (repeat passes and scoring included) as a ratio to the plain one
-(best of the repeats, per prompt).
+two kept sets, and each precision's time as a ratio to the plain one's, best of the repeats per prompt (each time
+covers the prefill, with KVzip's repeat passes and scoring, the eviction and the reading of the kept sets).
 
     python benchmarks/kvzip_score_precision.py --model smollm2-135m --threads 2 \\
         --out results/kvzip/score_precision_smollm2-135m.json
