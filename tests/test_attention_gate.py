@@ -23,6 +23,7 @@ from kvevict.gates.attention_gate import (
     flagged_attention_eager,
     flagged_forward,
     gated_layers,
+    load_attention_gates,
     local_attention,
     save_attention_gates,
 )
@@ -149,8 +150,8 @@ def test_gemma3_gates_only_global_layers():
 
 
 # ---------------------------------------------------------------------------------------------- flagged attention
-@pytest.mark.parametrize("window", [None, 5])
-def test_flagged_attention_equals_attention_with_flagged_keys_masked(window):
+@pytest.mark.parametrize("window,recent", [(None, 1), (5, 1), (None, 4), (5, 3)])
+def test_flagged_attention_equals_attention_with_flagged_keys_masked(window, recent):
     g = torch.Generator().manual_seed(1)
     B, H, G, T, d = 2, 2, 3, 12, 8
     q = torch.randn(B, H * G, T, d, generator=g)
@@ -160,17 +161,18 @@ def test_flagged_attention_equals_attention_with_flagged_keys_masked(window):
     prob = torch.rand(B, T, H, generator=g).requires_grad_()
     ste = hard + prob - prob.detach()
     module = SimpleNamespace(layer_idx=0, sliding_window=window)
-    token = _FLAGS.set({0: FlagRecord(prob, ste, torch.ones(T, dtype=torch.bool))})
+    token = _FLAGS.set({0: FlagRecord(prob, ste, torch.ones(T, dtype=torch.bool), recent)})
     try:
         out, _ = flagged_attention(module, q, k, v, None, scaling=0.3)
     finally:
         _FLAGS.reset(token)
-    # reference: softmax over the keys each query may see (causal, window, kept or its own position)
+    # reference: softmax over the keys each query may see (causal, window, kept or among its `recent` newest)
     i = torch.arange(T)
-    allowed = (i.view(-1, 1) >= i.view(1, -1))
+    distance = i.view(-1, 1) - i.view(1, -1)
+    allowed = distance >= 0
     if window:
-        allowed &= i.view(-1, 1) - i.view(1, -1) < window
-    seen = allowed.view(1, 1, T, T) & ((hard.permute(0, 2, 1).unsqueeze(2) > 0) | torch.eye(T, dtype=torch.bool))
+        allowed &= distance < window
+    seen = allowed.view(1, 1, T, T) & ((hard.permute(0, 2, 1).unsqueeze(2) > 0) | (allowed & (distance < recent)))
     logits = torch.einsum("bhgtd,bhsd->bhgts", q.view(B, H, G, T, d), k) * 0.3
     probs = torch.softmax(logits.masked_fill(~seen.unsqueeze(2), float("-inf")), -1)
     want = torch.einsum("bhgts,bhsd->bhgtd", probs, v).reshape(B, H * G, T, d).transpose(1, 2)
@@ -179,8 +181,9 @@ def test_flagged_attention_equals_attention_with_flagged_keys_masked(window):
     assert prob.grad is not None and prob.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("window,block", [(None, 1 << 17), (None, 40), (5, 40), (7, 1)])
-def test_fused_flagged_attention_matches_the_eager_reference(window, block, monkeypatch):
+@pytest.mark.parametrize("window,block,recent", [(None, 1 << 17, 1), (None, 40, 1), (5, 40, 1), (7, 1, 1),
+                                                 (None, 40, 4), (7, 1, 3)])
+def test_fused_flagged_attention_matches_the_eager_reference(window, block, recent, monkeypatch):
     """SDPA forward + blocked hand-written backward: the same value and gradients (q, k, v, and the flags' STE)."""
     monkeypatch.setattr(_FlaggedAttention, "BLOCK_ELEMENTS", block)  # small blocks: many blocks of rows
     g = torch.Generator().manual_seed(3)
@@ -192,7 +195,8 @@ def test_fused_flagged_attention_matches_the_eager_reference(window, block, monk
     results = []
     for attend in (flagged_attention, flagged_attention_eager):
         q, k, v, prob = (t.clone().requires_grad_() for t in inputs)
-        token = _FLAGS.set({0: FlagRecord(prob, hard + prob - prob.detach(), torch.ones(T, dtype=torch.bool))})
+        token = _FLAGS.set({0: FlagRecord(prob, hard + prob - prob.detach(), torch.ones(T, dtype=torch.bool),
+                                          recent)})
         try:
             out, _ = attend(SimpleNamespace(layer_idx=0, sliding_window=window), q, k, v, None, scaling=0.4)
         finally:
@@ -348,6 +352,31 @@ def test_training_writes_gates_and_resumes_to_the_same_result(tmp_path):
     resumed = train(cfg, resume=True, model=model, corpus=corpus, progress=False)
     assert [h["step"] for h in resumed["history"]] == [2, 4]
     assert (tmp_path / "gates.safetensors").read_bytes() == first
+
+
+def test_warm_start_with_a_recent_window_trains_from_the_given_gates(tmp_path):
+    """--init starts from a checkpoint's gates (no calibration), --recent-window is trained and recorded; the cache
+    refuses such gates rather than apply their flags by the paper's rule."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    corpus = Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
+                                 {"a": torch.randint(3, 300, (1000,), generator=g)})
+    base = dict(steps=2, batch_size=2, seq_len=48, val_every=2, save_every=2, val_windows=2, window=8, warmup=1)
+    first = train(TrainConfig(out=str(tmp_path / "first"), **base), model=model, corpus=corpus, progress=False)
+    _, start, _ = load_attention_gates(tmp_path / "first", model)
+    cfg = TrainConfig(out=str(tmp_path / "warm"), init=str(tmp_path / "first"), recent_window=6, lr=1e-9, **base)
+    warm = train(cfg, model=model, corpus=corpus, progress=False)
+    config, gates, _ = load_attention_gates(tmp_path / "warm", model)
+    assert config.recent_window == 6 and warm["config"]["init"] == str(tmp_path / "first")
+    for (name, a), b in zip(start.state_dict().items(), gates.state_dict().values()):  # lr ~0: the start, kept
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    assert warm["final_validation"]["val_loss"] != first["final_validation"]["val_loss"]  # keys seen for longer
+    assert "each query sees its 6 newest keys" in (tmp_path / "warm" / "TRAINING.md").read_text()
+    with pytest.raises(ValueError, match="recent_window=6"):
+        kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(tmp_path / "warm")))
+    with pytest.raises(ValueError, match="window"):  # another gate size cannot start from these
+        train(TrainConfig(out=str(tmp_path / "bad"), init=str(tmp_path / "first"), **{**base, "window": 4}),
+              model=model, corpus=corpus, progress=False)
 
 
 def test_cli_registers_the_trainer():

