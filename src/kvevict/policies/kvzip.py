@@ -202,7 +202,8 @@ def repeat_scores(
     max_t softmax_t(j) = exp(max_t (logit_tj - lse_t)), so no probability map is needed either.
 
     `model_precision`: with 16-bit queries on CPU, the products run in their dtype (accumulating in float32) and
-    each logit_tj - lse_t is rounded to it once (`_max_shifted_logits`); elsewhere, or when False, all in float32.
+    pick each key's best row, where its score is recomputed in float32 (`_max_shifted_logits`); elsewhere, or when
+    False, all in float32.
     """
     B, H, G, T, d = queries.shape
     start, stop = chunk
