@@ -36,13 +36,15 @@ def kept_sets(model, ids, policy) -> list[set]:
              for p in positions} for layer in range(len(cache.layers))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def precision_args(description: str, repeats: int) -> argparse.Namespace:
+    """The options of a precision comparison (this script's and kvzip_score_precision.py's), checked; sets the
+    thread count."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--length", type=int, default=4000)
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -53,6 +55,11 @@ def main() -> None:
         parser.error("--ratio must be in (0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = precision_args(__doc__.splitlines()[0], repeats=15)
     model, tok = kvevict.load_model(args.model, dtype="bfloat16")
     prompts = []
     for i in range(args.prompts):

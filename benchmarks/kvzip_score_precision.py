@@ -12,38 +12,21 @@ covers the prefill, with KVzip's repeat passes and scoring, the eviction and the
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 import kvevict
 from kvevict.data import haystack
 
-from fastkvzip_gate_precision import kept_sets  # this folder is on sys.path
+from fastkvzip_gate_precision import kept_sets, precision_args  # this folder is on sys.path
 
 PRECISIONS = ("model", "float32")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--length", type=int, default=4000)
-    parser.add_argument("--ratio", type=float, default=0.7)
-    parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    for name in ("length", "prompts", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if not 0 < args.ratio < 1:
-        parser.error("--ratio must be in (0, 1)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = precision_args(__doc__.splitlines()[0], repeats=2)
     model, tok = kvevict.load_model(args.model, dtype="bfloat16")
     policies = {p: kvevict.make_policy("kvzip", compression_ratio=args.ratio, score_precision=p, tokenizer=tok)
                 for p in PRECISIONS}
