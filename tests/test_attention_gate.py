@@ -16,6 +16,7 @@ from kvevict.gates.attention_gate import (
     _FLAGS,
     FlagRecord,
     GateConfig,
+    GateStack,
     GateState,
     _FlaggedAttention,
     build_gates,
@@ -108,38 +109,40 @@ def test_gate_state_carries_context_across_forwards():
     for t in range(17, 30):  # token by token, as decoding does
         p, state = gate(hidden[:, t : t + 1], state=state)
         parts.append(p)
-    assert isinstance(state, GateState) and state.keys.shape[1] == CONFIG.window - 1  # bounded gate memory
+    assert isinstance(state, GateState) and state.keys.shape[2] == CONFIG.window - 1  # bounded gate memory
     assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
 
 
-def test_one_token_fast_path_matches_the_general_gate():
-    """Decoding's gate step (fused q/k/v, bias by window slot) against the general forward, padding included, and
-    after an in-place parameter update (its fused weights are rebuilt)."""
-    model = tiny_model("llama")
-    gate = spread_gates(model)["0"]
-    hidden = torch.randn(2, 12, model.config.hidden_size)
+def test_stacked_decode_step_matches_each_gate_alone():
+    """Decoding's gate step (every layer's gate at once, weights stacked) against each gate's general forward, with
+    padding in the window and as the new token, and after an in-place parameter update (the stacked weights are
+    rebuilt)."""
+    model = tiny_model("llama")  # 3 layers, 3 gates
+    gates = spread_gates(model)
+    stack = GateStack(list(gates.values()))
+    hidden = torch.randn(3, 2, 12, model.config.hidden_size)  # [gates, B, T, D]
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :9] = False  # a left-padded row: its window is mostly padding
-    _, state = gate(hidden[:, :11], valid[:, :11])
-    for _ in range(2):
-        fast = gate._next_token(hidden[:, 11:], valid[:, 11:], state)
-        general = gate._forward(hidden[:, 11:], valid[:, 11:], state)
-        assert torch.allclose(fast[0], general[0], atol=1e-6)
-        for a, b in zip((fast[1].keys, fast[1].values, fast[1].valid), (general[1].keys, general[1].values,
-                                                                          general[1].valid)):
-            assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, atol=1e-6)
-        with torch.no_grad():
-            gate.k.weight.mul_(1.5)
-            gate.distance_bias.add_(0.3)
-    # no padding anywhere (valid None): the window is read unmasked, token after token
-    _, state = gate(hidden[:, :10])
-    for t in (10, 11):
-        fast = gate._next_token(hidden[:, t : t + 1], None, state)
-        general = gate._forward(hidden[:, t : t + 1], None, state)
-        assert torch.allclose(fast[0], general[0], atol=1e-6)
-        assert torch.allclose(fast[1].keys, general[1].keys, atol=1e-6)
-        assert torch.equal(fast[1].valid, general[1].valid) and fast[1].all_valid
-        state = fast[1]
+    cases = [(valid, valid[:, 11]), (valid, torch.tensor([True, False])), (None, None)]
+    for window_valid, new_valid in cases:
+        for _ in range(2):
+            past = [gate(hidden[g, :, :11], None if window_valid is None else window_valid[:, :11])[1]
+                    for g, gate in enumerate(gates.values())]
+            prob, state = stack.step(hidden[:, :, 11], GateStack.stack(past), new_valid)
+            step_valid = None if new_valid is None else new_valid.view(2, 1)
+            for g, gate in enumerate(gates.values()):
+                want, after = gate(hidden[g, :, 11:], step_valid, past[g])
+                assert torch.allclose(prob[g], want[:, 0], atol=1e-6)
+                alone = GateStack.unstack(state)[g]
+                assert torch.allclose(alone.keys, after.keys, atol=1e-6)
+                assert torch.allclose(alone.values, after.values, atol=1e-6)
+                assert torch.equal(alone.valid, after.valid)
+            assert state.all_valid == (window_valid is None)
+            with torch.no_grad():
+                for gate in gates.values():
+                    gate.k.weight.mul_(1.5)
+                    gate.out.weight.add_(0.1)
+                    gate.distance_bias.add_(0.3)
 
 
 def test_gemma3_gates_only_global_layers():

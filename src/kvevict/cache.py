@@ -179,6 +179,8 @@ class EvictingCache(Cache, HookedCache):
             )
         for layer in self.layers:
             layer.current_view = None
+        if self.state is not None and not self.frozen:
+            self.state.finish_forward(step.forward, [layer.store for layer in self.layers])
         self.tokens_seen = self.tokens_seen + step.valid.sum(1)
         self.seen += step.length
         if self.frozen:  # nothing may move while frozen: the rows added are dropped on exit by truncation

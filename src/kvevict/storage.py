@@ -103,6 +103,7 @@ class LayerStore:
         self.heads_aligned = True  # every KV head of a batch row keeps the same positions
         self.host_start: list[int] = [0] * segments  # seg_start and seg_len on the host, for per-segment kernels
         self.host_len: list[int] = [0] * segments
+        self.appended_rows: torch.Tensor | None = None  # rows the last append wrote, token after token per segment
 
     def _refresh_summaries(self) -> None:
         lengths, caps = self.seg_len, self.seg_cap
@@ -271,6 +272,7 @@ class LayerStore:
             dst_rows = dst[write]
             self.keys.index_copy_(0, dst_rows, keys[write].to(self.dtype))
             self.values.index_copy_(0, dst_rows, values[write].to(self.dtype))
+        self.appended_rows = dst_rows
         new_pos = positions.to(torch.int32).view(1, 1, T).expand(B, H, T)
         self.positions.index_copy_(0, dst_rows, new_pos.reshape(-1) if all_valid else new_pos[write])
         for name, init in (stats or {}).items():

@@ -98,8 +98,8 @@ class GateConfig:
 class GateState:
     """The rolling context of one layer's gate: the last `window - 1` projected keys/values per batch row."""
 
-    keys: torch.Tensor  # [B, P, heads, head_dim]
-    values: torch.Tensor  # [B, P, heads, head_dim]
+    keys: torch.Tensor  # [B, heads, P, head_dim]
+    values: torch.Tensor  # [B, heads, P, head_dim]
     valid: torch.Tensor  # [B, P] bool (False: padding)
     all_valid: bool | None = None  # whether every slot holds a token, where known without a device sync
 
@@ -133,8 +133,6 @@ class AttentionGate(nn.Module):
         previous forward left (None at the start of a sequence).
         """
         with torch.autocast(hidden.device.type, enabled=False):  # float32 under a model's autocast too
-            if hidden.shape[1] == 1 and state is not None and state.keys.shape[1] == self.config.window - 1:
-                return self._next_token(hidden, valid, state)
             return self._forward(hidden, valid, state)
 
     def _forward(self, hidden, valid, state):
@@ -150,63 +148,110 @@ class AttentionGate(nn.Module):
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         if state is not None:
-            k_all = torch.cat([state.keys, k], dim=1)
-            v_all = torch.cat([state.values, v], dim=1)
+            k_all = torch.cat([state.keys.transpose(1, 2), k], dim=1)
+            v_all = torch.cat([state.values.transpose(1, 2), v], dim=1)
             valid_all = torch.cat([state.valid, valid], dim=1)
         else:
             k_all, v_all, valid_all = k, v, valid
         attended = local_attention(q, k_all, v_all, valid_all, self.distance_bias)  # [B, T, heads, head_dim]
         logits = self.out(torch.cat([attended.reshape(B, T, -1), x], dim=-1))
         keep = cfg.window - 1
-        new_state = GateState(k_all[:, -keep:].detach(), v_all[:, -keep:].detach(), valid_all[:, -keep:])
+        new_state = GateState(k_all[:, -keep:].detach().transpose(1, 2), v_all[:, -keep:].detach().transpose(1, 2),
+                              valid_all[:, -keep:])
         return torch.sigmoid(logits), new_state
 
 
-    def _next_token(self, hidden, valid, state):
-        """`_forward` for one token after a full window of context (decoding): the same math in a third of the
-        operations (q, k and v in one product, the window's attention one fused kernel with the distance bias by
-        window slot as its additive mask), since at one token per forward the cost of the gate is the count of
-        its operations, not their size. valid None: the new tokens are not padding."""
+class GateStack:
+    """Several layers' gates stepped together, one new token each: a decode step of every gated layer in one set of
+    batched operations.
+
+    At one token per forward a gate's cost is the count of its operations, not their size, and inside the model
+    each operation runs with cold caches after the layer's large products (~10 us each on CPU); gate by gate, 30
+    layers spent more on their gates than on the attention itself. A decoded token's own flag is not needed within
+    its forward (its query sees its own key whatever the flag), so the cache defers the gates of a decode step to
+    the end of the forward and runs them here, their weights stacked [gates, ...]: the same math as `_forward`
+    for one token after a full window (up to float rounding), in ~20 operations for all layers.
+    """
+
+    def __init__(self, gates: list[AttentionGate]):
+        self.gates = list(gates)
+        self.config = self.gates[0].config
+        self._version = None
+
+    def _constants(self) -> tuple[torch.Tensor, ...]:
+        """Stacked weights, rebuilt whenever a parameter changed (in place too: training):
+        the input projection [G, D, proj] and its bias [G, 1, proj]; [q; k; v; read-out of the projected token]
+        [G, proj, 3 * inner + kv_heads] and bias [G, 1, ...] (the read-out's); q and k norm weights [G, 1, 2, 1, 1,
+        head_dim] (q's with the attention's 1 / sqrt(head_dim)); the distance bias by window slot [G, 1, heads, 1,
+        window] (slot s holds distance window - 1 - s); the read-out of the attention output [G, inner, kv_heads]."""
+        params = [p for gate in self.gates for p in gate.parameters()]
+        version = tuple((p.data_ptr(), p._version) for p in params)
+        if version != self._version:
+            cfg = self.config
+            inner = cfg.heads * cfg.head_dim
+            with torch.no_grad():
+                g = self.gates
+                proj = torch.stack([m.proj.weight.t() for m in g])
+                proj_bias = torch.stack([m.proj.bias for m in g]).unsqueeze(1)
+                weight = torch.stack([torch.cat([m.q.weight, m.k.weight, m.v.weight, m.out.weight[:, inner:]]).t()
+                                      for m in g])
+                bias = torch.stack([torch.cat([m.out.bias.new_zeros(3 * inner), m.out.bias]) for m in g]).unsqueeze(1)
+                norms = torch.stack([torch.stack([m.q_norm * cfg.head_dim**-0.5, m.k_norm]) for m in g])
+                by_slot = torch.stack([m.distance_bias.flip(-1) for m in g]).view(len(g), 1, cfg.heads, 1, cfg.window)
+                read_out = torch.stack([m.out.weight[:, :inner].t() for m in g])
+            self._cached = tuple(t.contiguous() for t in (proj, proj_bias, weight, bias)) + (
+                norms.view(len(g), 1, 2, 1, 1, cfg.head_dim), by_slot.contiguous(), read_out.contiguous())
+            self._version = version
+        return self._cached
+
+    def step(self, hidden: torch.Tensor, state: GateState, valid: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, GateState]:
+        """Keep probabilities [G, B, kv_heads] of one new token per gate, and the stacked state after it.
+
+        hidden [G, B, D]: each gated layer's attention input for the token; state: the gates' states stacked
+        (`GateStack.stack`: keys, values [G, B, heads, window - 1, head_dim], valid [B, window - 1], the same for
+        every layer); valid [B]: False where the new token is padding (None: none is).
+        """
         cfg = self.config
-        B = hidden.shape[0]
-        qkv_weight, qk_norm, bias_by_slot = self._decode_constants()
-        h = hidden.to(self.proj.weight.dtype)
-        x = F.linear(F.rms_norm(h, (h.shape[-1],)), self.proj.weight, self.proj.bias)  # [B, 1, proj]
-        qkv = F.linear(x, qkv_weight).view(B, 3, cfg.heads, cfg.head_dim)
-        qk = F.rms_norm(qkv[:, :2], (cfg.head_dim,)) * qk_norm  # [B, 2, heads, head_dim]: q, k
-        keys = torch.cat([state.keys, qk[:, 1:]], dim=1)  # [B, window, heads, head_dim], oldest first
-        values = torch.cat([state.values, qkv[:, 2:]], dim=1)
+        G, B, D = hidden.shape
+        proj, proj_bias, weight, bias, qk_norm, bias_by_slot, read_out = self._constants()
+        h = hidden if hidden.dtype == proj.dtype else hidden.to(proj.dtype)
+        x = torch.baddbmm(proj_bias, F.rms_norm(h, (D,)), proj)  # [G, B, proj]
+        qkv, logits = torch.baddbmm(bias, x, weight).split((weight.shape[-1] - read_out.shape[-1],
+                                                            read_out.shape[-1]), -1)
+        qkv = qkv.view(G, B, 3, cfg.heads, 1, cfg.head_dim)
+        q, k = (F.rms_norm(qkv[:, :, :2], (cfg.head_dim,)) * qk_norm).unbind(2)  # [G, B, heads, 1, head_dim]
+        keys = torch.cat([state.keys, k], dim=3)  # [G, B, heads, window, head_dim], oldest first
+        values = torch.cat([state.values, qkv[:, :, 2]], dim=3)
         all_valid = state.all_valid
         if all_valid is None:
             all_valid = bool(state.valid.all())
-        if valid is None and all_valid:  # nothing to mask: no padding in the window
-            key_valid, mask = state.valid[:, :1].expand(B, cfg.window), bias_by_slot
+        mask = bias_by_slot
+        if valid is None and all_valid:  # no padding in the window
+            next_valid = state.valid
         else:
             if valid is None:
-                valid = torch.ones(B, 1, dtype=torch.bool, device=hidden.device)
-            key_valid = torch.cat([state.valid, valid], dim=1)  # [B, window]
-            mask = bias_by_slot.masked_fill(~key_valid.view(B, 1, 1, cfg.window), float("-inf"))
-            all_valid = False
-        attended = F.scaled_dot_product_attention(qk[:, :1].transpose(1, 2), keys.transpose(1, 2),
-                                                  values.transpose(1, 2), attn_mask=mask)  # [B, heads, 1, hd]
+                valid = torch.ones(B, dtype=torch.bool, device=hidden.device)
+            key_valid = torch.cat([state.valid, valid.view(B, 1)], dim=1)  # [B, window]
+            mask = mask.masked_fill(~key_valid.view(1, B, 1, 1, cfg.window), float("-inf"))
+            next_valid, all_valid = key_valid[:, 1:], False
+        probs = torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) + mask, dim=-1)
         if not all_valid:  # a padding query with only padding in its window sees nothing: 0, as `_forward` gives
-            attended = torch.nan_to_num(attended, nan=0.0)
-        out = self.out(torch.cat([attended.view(B, 1, -1), x], dim=-1))
-        return torch.sigmoid(out), GateState(keys[:, 1:], values[:, 1:], key_valid[:, 1:], all_valid)
+            probs = torch.nan_to_num(probs, nan=0.0)
+        attended = torch.matmul(probs, values)  # [G, B, heads, 1, head_dim]
+        logits = torch.baddbmm(logits, attended.view(G, B, -1), read_out)
+        return torch.sigmoid(logits), GateState(keys[:, :, :, 1:], values[:, :, :, 1:], next_valid, all_valid)
 
-    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[q; k; v] weights in one matrix, the q and k norm weights stacked [2, 1, head_dim], and the distance bias
-        by window slot [heads, 1, window] (slot s holds distance window - 1 - s); rebuilt whenever a parameter
-        changed in place (training)."""
-        params = (self.q.weight, self.k.weight, self.v.weight, self.q_norm, self.k_norm, self.distance_bias)
-        version = tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_decode_cache", (None,))[0] != version:
-            with torch.no_grad():
-                qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-                norms = torch.stack([self.q_norm, self.k_norm]).unsqueeze(1)
-                bias = self.distance_bias.flip(-1).unsqueeze(1).contiguous()
-            self._decode_cache = (version, qkv, norms, bias)
-        return self._decode_cache[1:]
+    @staticmethod
+    def stack(states: list[GateState]) -> GateState:
+        """Per-layer states (full windows of the same tokens) -> one stacked state."""
+        first = states[0]
+        return GateState(torch.stack([s.keys for s in states]), torch.stack([s.values for s in states]), first.valid,
+                         first.all_valid)
+
+    @staticmethod
+    def unstack(state: GateState) -> list[GateState]:
+        return [GateState(k, v, state.valid, state.all_valid) for k, v in zip(state.keys, state.values)]
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,

@@ -90,7 +90,7 @@ class SinkGate(nn.Module):
         enter as per-token factors (q_norm(q).k_norm(k) = rq rk sum(q w_q w_k k)). Equal to the reference up to
         float32 rounding; with `model_precision` and 16-bit hidden states the projection is rounded to that
         dtype (on CPUs with AMX-BF16 it then runs ~3x faster)."""
-        H, G, d, S = self.kv_heads, self.group_size, self.gate_dim, self.sinks
+        H, G, d = self.kv_heads, self.group_size, self.gate_dim
         low = model_precision and hidden.dtype in (torch.bfloat16, torch.float16)
         weight, bias, pair_weight, sinks, plain_exp = self._folded(hidden.dtype if low else torch.float32)
         lead = hidden.shape[:-1]

@@ -22,6 +22,7 @@ the model's name are used. A checkpoint made for another model is refused (Value
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +31,7 @@ import torch
 from .base import Policy, PolicyState
 
 STAT = "ag_keep"  # per-row side channel: 1.0 = kept, 0.0 = flagged for eviction
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loaded gates -> {layers: GateStack}
 
 
 class AttentionGateState(PolicyState):
@@ -70,8 +72,11 @@ class AttentionGateState(PolicyState):
         self.tau = self.config.tau if policy.tau is None else policy.tau
         self.sink_tokens = self.config.sink_tokens if policy.sink_tokens is None else policy.sink_tokens
         self.gate_context: dict[int, object] = {}  # layer -> GateState (rolling gate context across forwards)
+        self.stacked: tuple | None = None  # (layers, their GateStates stacked) while decoding
         self.pending: dict[int, torch.Tensor] = {}  # layer -> [B, H, T] flags of the forward under way
-        self.sinks_of: tuple = (None, None)  # (forward, [B, T, 1] bool: its sink tokens)
+        self.deferred: dict[int, torch.Tensor] = {}  # layer -> its input hidden state, gate run at the forward's end
+        self.forward = None  # the forward under way
+        self.sinks: torch.Tensor | None = None  # [B, T, 1] bool: its sink tokens (None: it has none)
 
     @property
     def compression_ratio(self) -> float:
@@ -96,18 +101,76 @@ class AttentionGateState(PolicyState):
         if key not in self.gates:
             return
         B, T, _ = hidden_states.shape
+        if self.forward is not forward:  # what every layer of a forward shares: found once
+            self.forward, self.deferred = forward, {}
+            sinks = forward.positions.view(1, T) < (forward.row_start.view(B, 1).clamp(min=0) + self.sink_tokens)
+            # one host check per forward spares every layer a mask operation once decoding is past the sinks
+            has_sinks = forward.seen < self.sink_tokens or bool(sinks.any())
+            self.sinks = sinks.unsqueeze(-1) if has_sinks else None
+        if T == 1 and forward.all_valid and self._window_full(layer_idx):
+            # a decoded token's own flag is not needed within its forward (its query sees its own key): the gates
+            # of every layer run together at the forward's end (`finish_forward`)
+            self.deferred[layer_idx] = hidden_states
+            return
         with torch.no_grad():
             prob, self.gate_context[layer_idx] = self.gates[key](
-                hidden_states, None if forward.all_valid else forward.valid, self.gate_context.get(layer_idx))
-        if self.sinks_of[0] is not forward:  # the same for every layer of a forward: computed once
-            sinks = forward.positions.view(1, T) < (forward.row_start.view(B, 1).clamp(min=0) + self.sink_tokens)
-            self.sinks_of = (forward, sinks.unsqueeze(-1))
-        keep = (prob >= self.tau) | self.sinks_of[1]  # [B, T, H]
+                hidden_states, None if forward.all_valid else forward.valid, self._layer_context(layer_idx))
+        keep = prob >= self.tau  # [B, T, H]
+        if self.sinks is not None:
+            keep |= self.sinks
         self.pending[layer_idx] = keep.permute(0, 2, 1).float()
 
+    def _window_full(self, layer_idx: int) -> bool:
+        if self.stacked is not None:
+            return layer_idx in self.stacked[0]
+        context = self.gate_context.get(layer_idx)
+        return context is not None and context.keys.shape[2] == self.config.window - 1
+
+    def _layer_context(self, layer_idx: int):
+        """One layer's gate state (the stacked states of a decode split back into layers first)."""
+        from ..gates.attention_gate import GateStack
+
+        if self.stacked is not None:
+            self.gate_context.update(zip(self.stacked[0], GateStack.unstack(self.stacked[1])))
+            self.stacked = None
+        return self.gate_context.get(layer_idx)
+
     def initial_stats(self, layer_idx, forward):
+        if layer_idx in self.deferred:  # kept until `finish_forward` writes the flag
+            shape = (forward.valid.shape[0], self.geometry.kv_heads, 1)
+            return {STAT: torch.ones(shape, device=forward.valid.device)}
         flags = self.pending.pop(layer_idx, None)
         return None if flags is None else {STAT: flags}
+
+    def finish_forward(self, forward, stores) -> None:
+        """The deferred decode step: every gated layer's gate on its new token at once, the flags written to the
+        rows the forward appended."""
+        if self.forward is not forward or not self.deferred:
+            return
+        from ..gates.attention_gate import GateStack
+
+        layers = tuple(self.deferred)
+        if self.stacked is None or self.stacked[0] != layers:
+            states = [self._layer_context(layer) for layer in layers]
+            for layer in layers:
+                del self.gate_context[layer]
+            self.stacked = (layers, GateStack.stack(states))
+        stacks = _STACKS.setdefault(self.gates, {})
+        if layers not in stacks:
+            stacks[layers] = GateStack([self.gates[str(layer)] for layer in layers])
+        hidden = torch.stack([self.deferred[layer] for layer in layers])  # [G, B, 1, D]
+        G, B, _, D = hidden.shape
+        with torch.no_grad():
+            prob, state = stacks[layers].step(hidden.view(G, B, D), self.stacked[1])
+        self.stacked, self.deferred = (layers, state), {}
+        keep = prob >= self.tau  # [G, B, H]
+        if self.sinks is not None:
+            keep |= self.sinks.view(1, B, 1)
+        flags = keep.float()
+        name = self.channel_prefix + STAT
+        for g, layer in enumerate(layers):
+            store = stores[layer]
+            store.stat_channel(name).index_copy_(0, store.appended_rows, flags[g].view(-1))
 
     # ------------------------------------------------------------------ in-context visibility and eviction
     def key_visibility(self, layer_idx, ctx):

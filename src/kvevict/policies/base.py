@@ -228,6 +228,11 @@ class PolicyState:
         """Side-channel values for a layer's new tokens, {name: [B, H, T]}, stored with the rows."""
         return None
 
+    def finish_forward(self, forward: ForwardContext, stores: list) -> None:
+        """After every layer of a forward stored its tokens, before any eviction (not while the cache is frozen):
+        a state that deferred the side channels of the forward's tokens writes them now, at the rows
+        `stores[layer_idx].appended_rows`."""
+
     def observe(self, layer_idx: int, ctx: LayerContext) -> None:
         """Called in every attention call (not while the cache is frozen). Default: buffer recent queries."""
         if self.policy.query_window:
@@ -456,6 +461,10 @@ class ObserverSetState(PolicyState):
             stats = member.initial_stats(layer_idx, forward) or {}
             merged.update({member.channel_prefix + name: value for name, value in stats.items()})
         return merged or None
+
+    def finish_forward(self, forward, stores) -> None:
+        for member in self.members.values():
+            member.finish_forward(forward, stores)
 
     def observe(self, layer_idx, ctx) -> None:
         for member in self.members.values():  # members observe whatever their own sizing (it is decided later)
