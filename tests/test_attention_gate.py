@@ -32,6 +32,7 @@ from kvevict.gates.checkpoint import SHIPPED
 from kvevict.models import tiny_model
 from kvevict.train.attention_gate import (
     Corpus,
+    attention_keep_targets,
     TrainConfig,
     eviction_loss,
     gated_step,
@@ -380,6 +381,48 @@ def test_warm_start_with_a_recent_window_trains_from_the_given_gates(tmp_path):
     with pytest.raises(ValueError, match="window"):  # another gate size cannot start from these
         train(TrainConfig(out=str(tmp_path / "bad"), init=str(tmp_path / "first"), **{**base, "window": 4}),
               model=model, corpus=corpus, progress=False)
+
+
+def test_keep_targets_label_the_most_attended_keys():
+    """Keep labels from the model's own attention: per row and KV head, the top 1 - r of the labelled keys by the
+    largest attention a later query gives them (checked against attention recomputed from the eager weights)."""
+    model = tiny_model("llama")
+    gates = spread_gates(model)
+    ids, _ = left_padded_batch((40, 40), seed=3)
+    targets = attention_keep_targets(model, gates, CONFIG, ids, target_ratio=0.75)
+    assert sorted(targets) == gated_layers(model)
+    first, last = CONFIG.sink_tokens, ids.shape[1] - 1
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+    model.set_attn_implementation(previous)
+    for layer, (hidden, labels) in targets.items():
+        assert hidden.shape == (2, 40, model.config.hidden_size) and labels.shape == (2, 40, 2)
+        assert labels[:, :first].sum() == 0 and labels[:, last:].sum() == 0
+        assert torch.all(labels[:, first:last].sum(1) == round(0.25 * (last - first)))
+        group = weights[layer].view(2, 2, 2, 40, 40).mean(2)  # [B, H, query, key]
+        best = torch.stack([group[..., j + 1:, j].amax(-1) for j in range(first, last)], -1)  # [B, H, keys]
+        kept = labels[:, first:last].permute(0, 2, 1) > 0.5
+        assert bool((best.masked_fill(~kept, float("inf")).amin(-1) >= best.masked_fill(kept, -1).amax(-1)).all())
+
+
+def test_fit_to_attention_warm_start_is_trained_and_recorded(tmp_path):
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    corpus = Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
+                                 {"a": torch.randint(3, 300, (1000,), generator=g)})
+    cfg = TrainConfig(out=str(tmp_path), fit_steps=4, steps=0, batch_size=2, seq_len=48, val_every=2, val_windows=2,
+                      window=8, warmup=1)
+    before = build_gates(model, cfg.gate_config(), seed=cfg.seed)
+    record = train(cfg, model=model, corpus=corpus, progress=False)
+    assert [h["step"] for h in record["fit"]] == [2, 4] and record["history"] == []
+    assert 0.0 < record["final_validation"]["achieved_ratio"] < 1.0
+    _, fitted, _ = load_attention_gates(tmp_path, model)
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), fitted.state_dict().values()))
+    assert "fitted to the model's attention first" in (tmp_path / "TRAINING.md").read_text()
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0).validate()
 
 
 def test_cli_registers_the_trainer():

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..gates.attention_gate import (
     GateConfig,
+    _set_impl,
     build_gates,
     flagged_forward,
     gate_parameters,
@@ -169,6 +170,7 @@ class TrainConfig:
     threads: int | None = None
     calibrate: bool = True  # start each gate's bias at the target keep rate (see calibrate_bias)
     init: str | None = None  # start from the gates of this checkpoint folder (same model and gate size), not at random
+    fit_steps: int = 0  # first fit the gates to the model's attention-derived keep labels (fit_to_attention)
     # gate size: GateConfig's defaults
     heads: int = GateConfig.heads
     head_dim: int = GateConfig.head_dim
@@ -181,9 +183,12 @@ class TrainConfig:
     def validate(self) -> None:
         if not 0.0 < self.target_ratio < 1.0:
             raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
-        for name in ("steps", "batch_size", "val_every", "val_windows", "save_every"):
+        for name in ("batch_size", "val_every", "val_windows", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.fit_steps < 0 or self.steps < (0 if self.fit_steps else 1):
+            raise ValueError(f"steps must be >= 1 (>= 0 after a fit), fit_steps >= 0; got {self.steps!r}, "
+                             f"{self.fit_steps!r}")
         if self.seq_len <= self.sink_tokens + 1:
             raise ValueError(f"seq_len must exceed sink_tokens + 1, got {self.seq_len!r}")
         if not 0.0 <= self.loss_from < 1.0:
@@ -283,9 +288,92 @@ def full_loss(model, windows: torch.Tensor, loss_from: int) -> float:
     return sum(lm_loss(model, row, loss_from).item() * len(row) for row in windows.split(2)) / len(windows)
 
 
+# ---------------------------------------------------------------------------------------------- warm start
+@torch.no_grad()
+def attention_keep_targets(model, gates, gate_config: GateConfig, ids: torch.Tensor, target_ratio: float
+                           ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen model's own attention turned into keep labels, per gated layer: {layer: (input hidden states
+    [B, T, D], labels [B, T, H])}.
+
+    A key's score is the largest attention any later query of the window gives it (the mean over its KV head's
+    query heads), as KVzip scores keys by their largest attention from the repeat queries; per (row, KV head) the
+    top 1 - target_ratio of the evictable keys (after the sink tokens, before the last position, which no later
+    query reads) are labelled keep. One forward without flags, attention materialised (the model's eager path).
+    """
+    from ..hooks import attention_modules, hidden_states_of
+
+    hidden: dict[int, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        if str(module.layer_idx) in gates:
+            hidden[module.layer_idx] = hidden_states_of(args, kwargs).detach()
+
+    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in attention_modules(model)]
+    previous_impl = model.config._attn_implementation
+    _set_impl(model, "eager")
+    try:
+        attentions = model(input_ids=ids, use_cache=False, output_attentions=True, logits_to_keep=1).attentions
+    finally:
+        _set_impl(model, previous_impl)
+        for h in handles:
+            h.remove()
+    B, T = ids.shape
+    first, last = gate_config.sink_tokens, T - 1  # labelled keys: first .. last - 1
+    keep = max(1, round((1.0 - target_ratio) * (last - first)))
+    targets = {}
+    for layer, states in hidden.items():
+        probs = attentions[layer].float()  # [B, Hq, T(queries), T(keys)]
+        H = gates[str(layer)].out.out_features
+        probs = probs.view(B, H, -1, T, T).mean(2)
+        score = probs.tril(-1).amax(dim=2)[..., first:last]  # [B, H, keys]: largest attention from a later query
+        labels = torch.zeros(B, H, T, device=ids.device)
+        labels[..., first:last].scatter_(-1, score.topk(keep, dim=-1).indices, 1.0)
+        targets[layer] = (states, labels.permute(0, 2, 1))
+    return targets
+
+
+def fit_to_attention(model, gates, gate_config: GateConfig, corpus: Corpus, cfg: TrainConfig,
+                     progress: bool = True) -> list[dict]:
+    """Warm start (our choice; the paper trains with the LM + eviction loss only): fit the gates, forward-only for
+    the model, to `attention_keep_targets` by binary cross-entropy for `cfg.fit_steps` steps. Returns the history
+    (mean training BCE and keep-label accuracy per block of `cfg.val_every` steps)."""
+    from tqdm import tqdm
+
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, weight_decay=0.0)
+    first = gate_config.sink_tokens
+    history, block, began = [], [], time.perf_counter()
+    bar = tqdm(range(cfg.fit_steps), desc="attention-gate fit", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        ids = corpus.windows(cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed * 100_003 + 7_919
+                                                                                      + step + 10**7))
+        targets = attention_keep_targets(model, gates, gate_config, ids, cfg.target_ratio)
+        losses, correct, count = [], 0.0, 0
+        for layer, (states, labels) in targets.items():
+            prob, _ = gates[str(layer)](states)
+            prob, labels = prob[:, first:-1], labels[:, first:-1]
+            losses.append(F.binary_cross_entropy(prob, labels))
+            correct += float(((prob >= gate_config.tau).float() == labels).sum())
+            count += labels.numel()
+        loss = torch.stack(losses).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gates.parameters(), cfg.clip)
+        optimizer.step()
+        block.append((loss.item(), correct / count))
+        bar.set_postfix(bce=f"{loss.item():.4f}", accuracy=f"{correct / count:.3f}")
+        if len(block) == cfg.val_every or step + 1 == cfg.fit_steps:
+            history.append({"step": step + 1, "bce": sum(b[0] for b in block) / len(block),
+                            "accuracy": sum(b[1] for b in block) / len(block),
+                            "seconds": time.perf_counter() - began})
+            block = []
+    return history
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def _save_resume(folder: Path, model, gates, gate_config, optimizer, step: int, history: list, cfg: TrainConfig,
-                 elapsed: float) -> None:
+                 elapsed: float, fit: list | None = None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -301,7 +389,8 @@ def _save_resume(folder: Path, model, gates, gate_config, optimizer, step: int, 
                 else:
                     scalars[f"{names[id(p)]}.{key}"] = float(value)
     save_file(tensors, str(folder / "optimizer.safetensors"))
-    state = {"step": step, "scalars": scalars, "history": history, "config": asdict(cfg), "elapsed_s": elapsed}
+    state = {"step": step, "scalars": scalars, "history": history, "config": asdict(cfg), "elapsed_s": elapsed,
+             "fit": fit or []}
     tmp = folder / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=1))
     tmp.replace(folder / "state.json")  # last: a checkpoint counts only once its state is written
@@ -364,7 +453,18 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
     val = corpus.windows(cfg.val_windows, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 1), "held_out")
     loss_from = int(cfg.loss_from * cfg.seq_len)
     reference = full_loss(model, val, loss_from)
-    if start == 0 and cfg.calibrate and cfg.init is None:
+    fit = []
+    if start == 0 and cfg.fit_steps:
+        fit = fit_to_attention(model, gates, gate_config, corpus, cfg, progress)
+        gates.eval()
+        after = validate_gates(model, gates, gate_config, val, loss_from, cfg.target_ratio)
+        gates.train()
+        fit[-1].update(after, full_val_loss=reference)
+        tqdm.write(f"after the fit: val loss {after['val_loss']:.4f} (full cache {reference:.4f}), achieved ratio "
+                   f"{after['achieved_ratio']:.3f}")
+    elif start:  # a resumed run: the fit, if any, is in the checkpoint's record
+        fit = json.loads((checkpoint / "state.json").read_text()).get("fit", [])
+    if start == 0 and cfg.calibrate and cfg.init is None and not cfg.fit_steps:
         calibrate_bias(model, gates, gate_config, corpus.windows(cfg.batch_size, cfg.seq_len,
                        torch.Generator().manual_seed(cfg.seed + 2)), cfg.target_ratio)
 
@@ -401,8 +501,10 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
                        f"achieved ratio {last['achieved_ratio']:.3f} (target {cfg.target_ratio})")
         if done % cfg.save_every == 0 and done < cfg.steps:
             _save_resume(checkpoint, model, gates, gate_config, optimizer, done, history, cfg,
-                         time.perf_counter() - began)
+                         time.perf_counter() - began, fit)
     seconds = time.perf_counter() - began
+    if not history and fit:  # a fit alone: its validation is the final one
+        last = {k: fit[-1][k] for k in ("val_loss", "achieved_ratio", "full_val_loss")}
     record = {
         "command": command or "(called from Python)",
         "config": asdict(cfg),
@@ -416,6 +518,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "final_validation": last,
         "history": history,
+        "fit": fit,
         "torch": torch.__version__,
     }
     record["machine"] = machine()
@@ -459,6 +562,7 @@ def training_report(record: dict) -> str:
         + (f"; each query sees its {cfg['recent_window']} newest keys whatever their flags"
            if cfg.get("recent_window", 1) > 1 else "")
         + (f"; started from the gates in {cfg['init']}" if cfg.get("init") else
+           "" if cfg.get("fit_steps") else
            "; biases calibrated to the target keep rate at the start" if cfg.get("calibrate") else ""),
         "", "## Data", "",
         (f"Sources {', '.join(data['sources'])}; {data['train_tokens_available']:,} training tokens available, "
@@ -476,6 +580,20 @@ def training_report(record: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     per_step = cfg["batch_size"] * cfg["seq_len"]
+    fit = record.get("fit") or []
+    if fit:
+        end = fit[-1]
+        lines[-4:-4] = [
+            "## Warm start: the gates fitted to the model's attention first", "",
+            (f"{cfg['fit_steps']:,} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens ({end['seconds']:,.0f} s) "
+             "fitting each gate, forward-only for the model, by binary cross-entropy to keep labels from the model's "
+             "own attention: per KV head, the top 1 - r of a window's keys by the largest attention a later query "
+             "gives them (our choice; the paper trains with the LM + eviction loss only). After the fit: held-out "
+             f"LM loss {end['val_loss']:.4f} (full cache {end['full_val_loss']:.4f}), evicted fraction "
+             f"{end['achieved_ratio']:.3f}. Then the steps below, with the paper's loss."), "",
+            "| fit step | training BCE | keep-label accuracy | seconds |", "|---:|---:|---:|---:|",
+            *(f"| {h['step']} | {h['bce']:.4f} | {h['accuracy']:.3f} | {h['seconds']:.0f} |" for h in fit), "",
+        ]
     for h in record["history"]:
         lines.append(f"| {h['step']} | {h['step'] * per_step:,} | {h['val_loss']:.4f} | {h['full_val_loss']:.4f} | "
                      f"{h['achieved_ratio']:.3f} | {h['seconds']:.0f} |")
@@ -506,6 +624,8 @@ def add_parser(subparsers) -> None:
         ("proj_dim", int, "features the hidden state is projected to"), ("window", int, "gate attention window"),
         ("tau", float, "keep threshold"), ("sink_tokens", int, "first tokens always kept"),
         ("recent_window", int, "each query sees this many newest keys whatever their flags (1: only its own)"),
+        ("fit_steps", int, "first fit the gates this many steps to keep labels from the model's own attention "
+                           "(a warm start, no bias calibration then; 0: none)"),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(defaults, name),
                        help=help_text)
