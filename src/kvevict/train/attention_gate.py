@@ -569,31 +569,34 @@ def training_report(record: dict) -> str:
          f"{data['held_out_tokens']:,} held out (one document in {data['held_out_every']}, by a CRC of its name)."),
         f"Validation: {cfg['val_windows']} held-out windows of {cfg['seq_len']} tokens every {cfg['val_every']} steps.",
         "", "## Cost", "",
-        (f"{record['steps']:,} steps x {cfg['batch_size']} windows x {cfg['seq_len']} tokens = "
-         f"{record['tokens_seen']:,} training tokens in {record['seconds']:,.0f} s "
-         f"({record['seconds'] / max(1, record['steps']):.2f} s per step, validation included) on "
-         f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores, {m.get('torch_threads', '?')} torch threads; "
+        ((f"{record['steps']:,} steps x {cfg['batch_size']} windows x {cfg['seq_len']} tokens = "
+          f"{record['tokens_seen']:,} training tokens in {record['seconds']:,.0f} s "
+          f"({record['seconds'] / max(1, record['steps']):.2f} s per step, validation included)"
+          if record["steps"] else "No step of the LM + eviction loss (`--steps 0`): these are the fitted gates, made")
+         + f" on {m.get('cpu', '?')} ({m.get('cores', '?')} cores, {m.get('torch_threads', '?')} torch threads; "
          f"accelerator: {m.get('accelerator', '?')}), torch {record['torch']}. "
          f"{record['gate_parameters']:,} gate parameters."),
-        "", "## Held-out loss (flags hard, in-context eviction)", "",
-        "| step | tokens | LM loss with gates | LM loss, full cache | evicted fraction | seconds |",
-        "|---:|---:|---:|---:|---:|---:|",
     ]
-    per_step = cfg["batch_size"] * cfg["seq_len"]
     fit = record.get("fit") or []
     if fit:
         end = fit[-1]
-        lines[-4:-4] = [
-            "## Warm start: the gates fitted to the model's attention first", "",
+        lines += [
+            "", "## Warm start: the gates fitted to the model's attention first", "",
             (f"{cfg['fit_steps']:,} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens ({end['seconds']:,.0f} s) "
              "fitting each gate, forward-only for the model, by binary cross-entropy to keep labels from the model's "
              "own attention: per KV head, the top 1 - r of a window's keys by the largest attention a later query "
              "gives them (our choice; the paper trains with the LM + eviction loss only). After the fit: held-out "
              f"LM loss {end['val_loss']:.4f} (full cache {end['full_val_loss']:.4f}), evicted fraction "
-             f"{end['achieved_ratio']:.3f}. Then the steps below, with the paper's loss."), "",
+             f"{end['achieved_ratio']:.3f}. Learning rate: linear warm-up over {cfg['warmup']} steps, then "
+             f"constant" + (". Then the steps below, with the paper's loss." if record["steps"] else ".")), "",
             "| fit step | training BCE | keep-label accuracy | seconds |", "|---:|---:|---:|---:|",
-            *(f"| {h['step']} | {h['bce']:.4f} | {h['accuracy']:.3f} | {h['seconds']:.0f} |" for h in fit), "",
+            *(f"| {h['step']} | {h['bce']:.4f} | {h['accuracy']:.3f} | {h['seconds']:.0f} |" for h in fit),
         ]
+    if record["history"]:
+        lines += ["", "## Held-out loss (flags hard, in-context eviction)", "",
+                  "| step | tokens | LM loss with gates | LM loss, full cache | evicted fraction | seconds |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+    per_step = cfg["batch_size"] * cfg["seq_len"]
     for h in record["history"]:
         lines.append(f"| {h['step']} | {h['step'] * per_step:,} | {h['val_loss']:.4f} | {h['full_val_loss']:.4f} | "
                      f"{h['achieved_ratio']:.3f} | {h['seconds']:.0f} |")
