@@ -8,7 +8,7 @@ import torch
 import kvevict
 from kvevict.compat import cache_kwargs
 from kvevict.gates.checkpoint import save_gates
-from kvevict.gates.sink_gate import SinkGate, build_gates, gate_hyper, gated_layers
+from kvevict.gates.sink_gate import SinkGate, SinkGateStack, build_gates, gate_hyper, gated_layers
 from kvevict.models import tiny_model, tiny_tokenizer
 from kvevict.policies.fastkvzip import FastKVzipPolicy
 from kvevict.policies.kvzip import FIRST_PROMPT, assistant_prefix
@@ -86,6 +86,62 @@ def test_gate_model_precision_rounds_only_the_projection():
     assert (low - exact).abs().max() <= limit
     with pytest.raises(ValueError, match="gate_precision"):
         FastKVzipPolicy(compression_ratio=0.5, gate_precision="bf16")
+
+
+@pytest.mark.parametrize("sink_scale", [1.0, 100.0])  # 100: the log-sum-exp path of one gate decides for all
+def test_stacked_gates_score_as_each_gate_alone(sink_scale):
+    """Decoding scores every layer's token with the gates stacked: the same scores as each gate's own path, in
+    float32 and with the projection in the model's precision, and after a parameter changed in place."""
+    torch.manual_seed(3)
+    gates = [SinkGate(hidden_size=24, kv_heads=2, group_size=3, gate_dim=4, sinks=5) for _ in range(3)]
+    for gate in gates:
+        for p in gate.parameters():
+            p.data.normal_()
+    gates[1].sink_keys.data *= sink_scale
+    stack = SinkGateStack(gates)
+    h = torch.randn(3, 4, 24)  # [layers, tokens, hidden]
+    with torch.no_grad():
+        for hidden, low in ((h, False), (h.bfloat16(), True), (h.bfloat16(), False)):
+            got = stack.scores(hidden, model_precision=low)
+            want = torch.stack([gate(hidden[i], model_precision=low) for i, gate in enumerate(gates)])
+            assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+        gates[2].bias.add_(1.0)
+        assert torch.allclose(stack.scores(h)[2], gates[2](h[2]), atol=1e-6, rtol=1e-5)
+
+
+def test_decoded_tokens_store_their_own_layers_scores(tmp_path):
+    """A decode step's scores, computed for every layer at the forward's end, land in each token's own rows (two
+    batch rows, every KV head)."""
+    from kvevict.hooks import attention_modules
+
+    model = tiny_model("llama")
+    folder = _tiny_gates(model, tmp_path)
+    ids, mask = left_padded_batch((30, 21), seed=4)
+    hidden = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: hidden.__setitem__(i, kwargs["hidden_states"]), with_kwargs=True)
+        for i, m in enumerate(attention_modules(model))]
+    cache = kvevict.EvictingCache(model, kvevict.make_policy("fastkvzip", gates=str(folder), compression_ratio=0.0))
+    direct = {}
+    try:
+        with torch.no_grad():
+            token = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            for step in range(3):
+                position = cache.seen
+                mask = torch.cat([mask, torch.ones_like(token)], 1)
+                token = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+                for layer, states in hidden.items():
+                    direct[layer, position] = cache.state.gates[str(layer)](states)[:, 0]  # [B, H]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for (layer, position), want in direct.items():
+        store = cache.layers[layer].store
+        view = store.view()
+        stored = store.gather_stat("fastkvzip", view)  # [B, H, L]
+        at = view.positions == position
+        assert bool((at.sum(-1) == 1).all())
+        assert torch.allclose(stored[at].view(2, -1), want, atol=1e-6)
 
 
 def gate_reference(gate, h):

@@ -110,6 +110,56 @@ class SinkGate(nn.Module):
         return keep.t().reshape(*lead, H)
 
 
+class SinkGateStack:
+    """Several layers' gates scoring one decoded token each, in one set of batched operations.
+
+    At one token per forward a gate's cost is the count of its operations (each runs with cold caches after the
+    layer's large products), so a decode step scores every gated layer's token at the end of the forward with the
+    gates' arranged weights (`SinkGate._folded`) stacked: `SinkGate._scores` with a leading layer dimension.
+    """
+
+    def __init__(self, gates: list[SinkGate]):
+        self.gates = list(gates)
+        self._key = None
+
+    def _stacked(self, dtype: torch.dtype) -> tuple:
+        key = (dtype,) + tuple((p.data_ptr(), p._version) for gate in self.gates for p in gate.parameters())
+        if key != self._key:
+            folded = [gate._folded(dtype) for gate in self.gates]
+            with torch.no_grad():
+                weight, bias, pair_weight, sinks = (torch.stack([f[i] for f in folded]) for i in range(4))
+                self_bias = torch.stack([gate.bias.reshape(-1, 1) for gate in self.gates])  # [L, H * G, 1]
+            first = self.gates[0]
+            eps = torch.tensor([[first.q_norm.eps], [first.k_norm.eps]]).repeat_interleave(
+                torch.tensor([first.kv_heads * first.group_size, first.kv_heads]), dim=0)
+            self._cached = (weight, bias, pair_weight, sinks, self_bias, all(f[4] for f in folded),
+                            eps.view(1, -1, 1).to(weight.device))
+            self._key = key
+        return self._cached
+
+    def scores(self, hidden: torch.Tensor, model_precision: bool = False) -> torch.Tensor:
+        """Keep scores [L, N, kv_heads] of hidden [L, N, hidden_size] (N tokens for each of the L gates); the same
+        math as each gate's `_scores` up to float rounding."""
+        first = self.gates[0]
+        H, G, d = first.kv_heads, first.group_size, first.gate_dim
+        L, N, _ = hidden.shape
+        low = model_precision and hidden.dtype in (torch.bfloat16, torch.float16)
+        weight, bias, pair_weight, sinks, self_bias, plain_exp, eps = self._stacked(
+            hidden.dtype if low else torch.float32)
+        x = hidden.transpose(1, 2) if low else hidden.float().transpose(1, 2)  # [L, D, N]
+        y = torch.baddbmm(bias, weight, x).float().view(L, H * G + H, d, N)  # q's heads, then k's
+        scale = 1.0 / math.sqrt(d)
+        r = torch.rsqrt(y.pow(2).mean(2) + eps)  # [L, H * G + H, N]
+        rq, rk = r[:, :H * G], r[:, H * G:]
+        q, k = y[:, :H * G], y[:, H * G:]
+        l_self = (q.view(L, H, G, d, N) * (k.unsqueeze(2) * pair_weight)).sum(3).view(L, H * G, N)
+        l_self = l_self * rq * (rk * scale).repeat_interleave(G, dim=1) + self_bias
+        l_sink = torch.matmul(sinks, q) * (rq * scale).unsqueeze(2)  # [L, H * G, S, N]
+        lse = l_sink.exp().sum(2).log() if plain_exp else torch.logsumexp(l_sink, 2)
+        keep = torch.sigmoid(l_self - lse).view(L, H, G, N).mean(2)  # [L, H, N]
+        return keep.transpose(1, 2)
+
+
 def gate_hyper(model, gate_dim: int = 16, sinks: int = 16) -> dict:
     """The shape parameters of the gates for `model` (or its config)."""
     config = config_of(model).get_text_config(decoder=True)

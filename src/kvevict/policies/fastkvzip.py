@@ -6,7 +6,9 @@ entering each attention layer, during the very forward pass that fills the cache
   prefill chunk, tokens outside the local window are thresholded jointly across all layers and KV heads
   (`allocation="global"`). Window: 4,096 tokens, or 2% of the context when it is under 16k tokens.
 - Decoding: new tokens are scored the same way; every `decode_interval` (128) tokens, if the cache holds more than
-  its target, the last 128 tokens are protected and the lowest scores are evicted globally.
+  its target, the last 128 tokens are protected and the lowest scores are evicted globally. A decode step's
+  gates run for every layer at once at the end of its forward (`finish_forward`), since at one token a gate costs
+  the count of its operations, not their size.
 - The first `sink_tokens` (4) tokens are always kept.
 - `compression_ratio` defaults to the ratio the gates were trained for (recorded in their checkpoint).
 - Precision (our choice): in a bfloat16/float16 model the gates' input projection runs in that dtype and the rest
@@ -22,17 +24,19 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..gates.checkpoint import load_once, shipped_gates
-from ..gates.sink_gate import load_gates
+from ..gates.sink_gate import SinkGateStack, load_gates
 from .base import Policy, PolicyState
 
 KIND = "fastkvzip"
 GATE_PRECISIONS = ("model", "float32")
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loaded gates -> {layers: SinkGateStack}
 
 
 class FastKVzipState(PolicyState):
@@ -49,6 +53,7 @@ class FastKVzipState(PolicyState):
             raise ValueError(f"gate checkpoint {folder} records no target_ratio in gates.json: "
                              "give compression_ratio or budget")
         self.pending: dict[int, torch.Tensor] = {}
+        self.deferred: tuple | None = None  # (forward, {layer: its input hidden state}) of a decode step
         self.gate_seconds = 0.0  # wall time spent in the gates (what `python -m kvevict.bench --compare` reports)
 
     @property
@@ -65,6 +70,13 @@ class FastKVzipState(PolicyState):
         gate = self.gates[str(layer_idx)] if str(layer_idx) in self.gates else None
         if gate is None:
             return
+        if hidden_states.shape[1] == 1 and forward.all_valid:
+            # a decoded token's score is read at the next eviction only: every layer's gate runs together at the
+            # forward's end (`finish_forward`), one set of batched operations instead of one per layer
+            if self.deferred is None or self.deferred[0] is not forward:
+                self.deferred = (forward, {})
+            self.deferred[1][layer_idx] = hidden_states
+            return
         started = time.perf_counter()
         with torch.no_grad():
             scores = gate(hidden_states, model_precision=self.policy.gate_precision == "model")
@@ -73,7 +85,24 @@ class FastKVzipState(PolicyState):
 
     def initial_stats(self, layer_idx, forward):
         scores = self.pending.pop(layer_idx, None)
-        return None if scores is None else {KIND: scores}
+        return None if scores is None else {KIND: scores}  # a deferred layer's score is written at the end
+
+    def finish_forward(self, forward, stores) -> None:
+        if self.deferred is None or self.deferred[0] is not forward:
+            return
+        hidden, self.deferred = self.deferred[1], None
+        started = time.perf_counter()
+        layers = tuple(hidden)
+        stacks = _STACKS.setdefault(self.gates, {})
+        if layers not in stacks:
+            stacks[layers] = SinkGateStack([self.gates[str(layer)] for layer in layers])
+        states = torch.stack([hidden[layer] for layer in layers])  # [L, B, 1, D]
+        with torch.no_grad():
+            scores = stacks[layers].scores(states.flatten(1, 2), self.policy.gate_precision == "model").contiguous()
+        name = self.channel_prefix + KIND
+        for i, layer in enumerate(layers):  # [B, H] per layer: the rows the forward appended, segment by segment
+            stores[layer].stat_channel(name).index_copy_(0, stores[layer].appended_rows, scores[i].view(-1))
+        self.gate_seconds += time.perf_counter() - started
 
     def score(self, layer_idx, ctx):
         return ctx.stat(KIND)
