@@ -162,7 +162,8 @@ class EvictingCache(Cache, HookedCache):
         # an evicting cache never reserves more rows for a head than the full cache would hold for its row
         row_limit = self.tokens_seen + valid.sum(1) if self.evicts else None
         forward = ForwardContext(positions=positions, valid=valid, input_ids=input_ids, seen=self.seen,
-                                 tokens_seen=self.tokens_seen, row_start=self.row_start, all_valid=all_valid)
+                                 tokens_seen=self.tokens_seen, row_start=self.row_start, all_valid=all_valid,
+                                 finishes=True)
         self._step = _Step(length=length, positions=positions, valid=valid, all_valid=all_valid, forward=forward,
                            row_limit=row_limit)
         for layer in self.layers:

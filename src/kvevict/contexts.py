@@ -60,6 +60,9 @@ class ForwardContext:
     tokens_seen: torch.Tensor  # [B] real tokens seen before this forward
     row_start: torch.Tensor  # [B] position of each row's first real token (-1: none yet)
     all_valid: bool = False  # known on the host: no token of this forward is padding
+    # the caller calls the state's `finish_forward` once every layer stored this forward's tokens (EvictingCache
+    # does), so a state may defer the side channels of its tokens to it
+    finishes: bool = False
 
 
 @dataclass

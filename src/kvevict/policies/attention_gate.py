@@ -107,7 +107,7 @@ class AttentionGateState(PolicyState):
             # one host check per forward spares every layer a mask operation once decoding is past the sinks
             has_sinks = forward.seen < self.sink_tokens or bool(sinks.any())
             self.sinks = sinks.unsqueeze(-1) if has_sinks else None
-        if T == 1 and forward.all_valid and self._window_full(layer_idx):
+        if T == 1 and forward.all_valid and forward.finishes and self._window_full(layer_idx):
             # a decoded token's own flag is not needed within its forward (its query sees its own key): the gates
             # of every layer run together at the forward's end (`finish_forward`)
             self.deferred[layer_idx] = hidden_states

@@ -229,9 +229,9 @@ class PolicyState:
         return None
 
     def finish_forward(self, forward: ForwardContext, stores: list) -> None:
-        """After every layer of a forward stored its tokens, before any eviction (not while the cache is frozen):
-        a state that deferred the side channels of the forward's tokens writes them now, at the rows
-        `stores[layer_idx].appended_rows`."""
+        """After every layer of a forward stored its tokens, before any eviction (not while the cache is frozen),
+        for forwards with `forward.finishes`: a state that deferred the side channels of the forward's tokens
+        writes them now, at the rows `stores[layer_idx].appended_rows`."""
 
     def observe(self, layer_idx: int, ctx: LayerContext) -> None:
         """Called in every attention call (not while the cache is frozen). Default: buffer recent queries."""

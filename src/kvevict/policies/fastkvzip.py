@@ -70,7 +70,7 @@ class FastKVzipState(PolicyState):
         gate = self.gates[str(layer_idx)] if str(layer_idx) in self.gates else None
         if gate is None:
             return
-        if hidden_states.shape[1] == 1 and forward.all_valid:
+        if hidden_states.shape[1] == 1 and forward.all_valid and forward.finishes:
             # a decoded token's score is read at the next eviction only: every layer's gate runs together at the
             # forward's end (`finish_forward`), one set of batched operations instead of one per layer
             if self.deferred is None or self.deferred[0] is not forward:
