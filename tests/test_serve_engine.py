@@ -272,3 +272,33 @@ def test_parse_bytes():
     for bad in ("", "12 parsecs", "-5MiB", "0"):
         with pytest.raises(ValueError):
             parse_bytes(bad)
+
+
+@pytest.mark.parametrize("name", ["fastkvzip", "attention-gate"])
+def test_engine_with_trained_gates_equals_generate_alone(name, tmp_path):
+    """Trained-gate policies defer a decode step's gates to the end of each row's forward: batched decoding still
+    gives what decoding alone gives."""
+    from kvevict.gates.attention_gate import GateConfig, build_gates, save_attention_gates
+
+    from .test_fastkvzip import _tiny_gates
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    if name == "fastkvzip":
+        policy = make_policy(name, gates=str(_tiny_gates(model, tmp_path)), compression_ratio=0.5,
+                             decode_interval=4)
+    else:
+        config = GateConfig(window=8, target_ratio=0.5)
+        gates = build_gates(model, config, seed=0)
+        with torch.no_grad():
+            for gate in gates.values():  # flags that vary from token to token
+                gate.out.weight.normal_(0.0, 1.0)
+        save_attention_gates(tmp_path, model, gates, config)
+        policy = make_policy(name, gates=str(tmp_path), decode_interval=4)
+    engine = Engine(model, tok, kv_budget=10**9, prefill_chunk=16)
+    requests = [Request(ids, 12, policy, Sampling(temperature=0)) for ids in prompts((40, 57, 23, 3, 70))]
+    for r in requests:
+        engine.submit(r)
+    drain(engine)
+    assert engine.peak_running >= 2
+    for r in requests:
+        assert r.output_ids == alone(model, tok, r.policy, r.prompt_ids, 12)
