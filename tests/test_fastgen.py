@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvevict
+from kvevict.attention import allowed_keys
 from kvevict.compat import cache_kwargs
 from kvevict.models import tiny_model, tiny_tokenizer
 from kvevict.policies.base import ObserverSet
@@ -15,6 +16,7 @@ from kvevict.policies.fastgen import (
     CANDIDATES,
     PUNCT,
     SPECIAL,
+    group_attention,
     is_punctuation,
     profile_heads,
     search_threshold,
@@ -109,11 +111,16 @@ def reference_recovery(probs, kinds, key_pos, query_pos, cumulative, prompt_len,
     return out
 
 
-def test_recovery_is_computed_as_defined():
+@pytest.mark.parametrize("window,frequent_ratio,shuffled", [(3, 0.3, False), (0, 0.3, False), (0, 0.0, False),
+                                                             (2, 1.0, False), (0, 0.45, True)])
+def test_recovery_is_computed_as_defined(window, frequent_ratio, shuffled):
+    """Against the definition row by row; `shuffled`: slots not in position order (each head its own order)."""
     torch.manual_seed(0)
     B, H, L, w = 2, 2, 40, 20
     key_pos = torch.arange(L).view(1, 1, L).repeat(B, H, 1)
     key_pos[1, :, 30:] = -1  # the second sequence is shorter: empty slots
+    if shuffled:
+        key_pos = key_pos.gather(-1, torch.argsort(torch.rand(B, H, L), dim=-1))
     query_pos = torch.arange(L - w, L).view(1, w).repeat(B, 1)
     query_pos[1] = torch.arange(30 - w, 30)
     query_pos[1, :3] = -1  # padding queries are ignored
@@ -123,11 +130,36 @@ def test_recovery_is_computed_as_defined():
     cumulative = torch.randint(0, 5, (B, H, L)).float()  # many ties: broken by position
     prompt_len = torch.tensor([40, 30])
     choice, recovery = profile_heads(probs, kinds, key_pos, query_pos, cumulative, prompt_len, recovery=0.6,
-                                     local_ratio=0.2, frequent_ratio=0.3, sink_tokens=2, window=3)
-    expected = reference_recovery(probs, kinds, key_pos, query_pos, cumulative, prompt_len, 0.2, 0.3, 2, 3)
+                                     local_ratio=0.2, frequent_ratio=frequent_ratio, sink_tokens=2, window=window)
+    expected = reference_recovery(probs, kinds, key_pos, query_pos, cumulative, prompt_len, 0.2, frequent_ratio, 2,
+                                  window)
     assert torch.allclose(recovery.double(), expected, atol=1e-5)
     first_ok = [[next(c for c in range(5) if c == 4 or expected[b, h, c] >= 0.6) for h in range(H)] for b in range(B)]
     assert choice.tolist() == first_ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_attention_from_the_row_normalisers_equals_the_softmax(dtype):
+    """The profile's probabilities from the prefill's log-sum-exps (exp(s q.k - lse), mask after the group mean)
+    equal the masked softmax they replace, with padding queries, empty slots and GQA."""
+    torch.manual_seed(0)
+    B, H, G, t, L, d = 2, 2, 3, 24, 40, 16
+    queries = (torch.randn(B, H, G, t, d) * 2).to(dtype)
+    keys = (torch.randn(B, H, L, d) * 2).to(dtype)
+    query_positions = torch.arange(L - t, L)
+    key_positions = torch.arange(L).view(1, 1, L).repeat(B, H, 1)
+    key_positions[1, :, :5] = -1  # left padding of the second row: empty slots
+    query_valid = torch.ones(B, t, dtype=torch.bool)
+    query_valid[1, :2] = False
+    scaling = d**-0.5
+    expected = group_attention(queries, keys, query_positions, key_positions, scaling, query_valid)
+    logits = torch.einsum("bhgtd,bhld->bhgtl", queries.float(), keys.float()) * scaling
+    allowed = allowed_keys(query_positions, key_positions).unsqueeze(2)
+    lse = logits.masked_fill(~allowed, float("-inf")).logsumexp(-1).reshape(B, H * G, t)
+    got = group_attention(queries, keys, query_positions, key_positions, scaling, query_valid, lse=lse)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+    assert (got[1, :, :2] == 0).all() and (got[1, :, :, :5] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------- token kinds
@@ -174,11 +206,14 @@ def prefill(model, policy, ids, mask=None, tokenizer=None):
     return cache
 
 
-@pytest.mark.parametrize("window_args", [{}, {"profile_window": 16}, {"profile_memory_mb": 5e-3}])
-def test_policy_profile_equals_profile_of_eager_attention(window_args):
-    """The cache's block-wise profile (padding, GQA mean, causal cut) equals profile_heads on the eager map."""
+@pytest.mark.parametrize("window_args,texts", [({}, [TEXT, TEXT[:120]]), ({"profile_window": 16}, [TEXT, TEXT[:120]]),
+                                               ({"profile_memory_mb": 5e-3}, [TEXT, TEXT[:120]]), ({}, [TEXT]),
+                                               ({"profile_window": 16}, [TEXT])])
+def test_policy_profile_equals_profile_of_eager_attention(window_args, texts):
+    """The cache's block-wise profile (padding, GQA mean, causal cut) equals profile_heads on the eager map. One
+    unpadded row: the probabilities come from the prefill's own log-sum-exps."""
     tok = tiny_tokenizer()
-    enc = tok([TEXT, TEXT[:120]], return_tensors="pt", padding=True)
+    enc = tok(texts, return_tensors="pt", padding=True)
     ids, mask = enc.input_ids, enc.attention_mask
     reference = tiny_model("llama")
     reference.set_attn_implementation("eager")
@@ -190,7 +225,7 @@ def test_policy_profile_equals_profile_of_eager_attention(window_args):
     H = reference.config.num_key_value_heads
     kinds_table = token_kinds(tok)
     for layer, got in state.head_recovery().items():
-        for b in range(2):
+        for b in range(len(texts)):
             n = int(mask[b].sum())
             group = attn[layer][b, :, -n:, -n:].reshape(H, -1, n, n).mean(1).unsqueeze(0)  # [1, H, n, n]
             read = n if window_args.get("profile_window") is None else min(n, window_args["profile_window"])

@@ -149,8 +149,10 @@ def gate_reference(gate, h):
         return gate(h).detach()
 
 
-def test_kvzip_scores_match_a_direct_computation():
-    model, tok = tiny_model("llama", num_hidden_layers=2), tiny_tokenizer()
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_kvzip_scores_match_a_direct_computation(family):
+    """gemma3: sliding layers (window 8 of 40 tokens) feed the scored global layers during the repeat pass."""
+    model, tok = tiny_model(family, num_hidden_layers=2 if family == "llama" else 4), tiny_tokenizer()
     ids = torch.randint(3, 250, (1, 40))
     policy = kvevict.make_policy("kvzip", compression_ratio=0.5, tokenizer=tok, chunk_size=1000)
     cache = kvevict.EvictingCache(model, policy)
@@ -167,7 +169,9 @@ def test_kvzip_scores_match_a_direct_computation():
     n = ids.shape[1]
     G = model.config.num_attention_heads // model.config.num_key_value_heads
     # evicted already; compare on the tokens that were kept
-    for layer in range(2):
+    scored = [layer for layer in range(model.config.num_hidden_layers) if cache.layers[layer].evictable]
+    assert scored == ([0, 1] if family == "llama" else [1, 3])
+    for layer in scored:
         a = attn[layer][0, :, n:, :]  # [Hq, R, n + R]
         subset = torch.zeros(a.shape[-1], dtype=torch.bool)
         subset[:protected] = True

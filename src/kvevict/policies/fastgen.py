@@ -23,7 +23,8 @@ Choices where the paper is silent (all parameters or documented here):
 - GQA: a KV head is profiled on the mean of its G query heads' attention; cumulative scores are also the group
   mean (units: query rows' worth of attention).
 - Cost: the cache's attention path never materialises probabilities, so profiling recomputes them, one block
-  of query rows of one layer at a time. `profile_window` = the last prompt rows read (None, the default: every
+  of query rows of one layer at a time; after a fresh prefill on CPU from the prefill's own row log-sum-exps
+  (exp(s q.k - lse): no softmax passes). `profile_window` = the last prompt rows read (None, the default: every
   row, as the paper; w: the last w rows, so the cumulative scores start from those w queries, SnapKV-style, and
   the cost is about w / prompt length of a full pass). The profiled rows' attention is held until the
   cumulative scores are final; when it would exceed `profile_memory_mb` (fp32, one layer), only the last rows
@@ -59,7 +60,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attention import accumulated_attention, attention_probs
+from ..attention import accumulated_attention, allowed_keys, attention_probs
 from .base import Policy, PolicyState, top_k_mask
 
 CANDIDATES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
@@ -156,12 +157,27 @@ def head_keep_mask(
     return keep & valid
 
 
-def group_attention(queries, keys, query_positions, key_positions, scaling, query_valid) -> torch.Tensor:
+def group_attention(queries, keys, query_positions, key_positions, scaling, query_valid, lse=None) -> torch.Tensor:
     """Causal attention of queries [B, H, G, t, d] over keys [B, H, L, d], mean over the G query heads of each
-    KV head: [B, H, t, L] fp32 (rows of padding queries are 0). Positions as in `attention.allowed_keys`."""
+    KV head: [B, H, t, L] fp32 (rows of padding queries are 0). Positions as in `attention.allowed_keys`.
+
+    `lse` [B, H*G, t]: the rows' log-sum-exps when the layer's own attention computed them (a fresh prefill on
+    CPU, `LayerContext.attention_lse`): then each probability is exp(s * q.k - lse), one product and one exp per
+    entry instead of a masked softmax, and the mask is applied once per KV head after the group mean.
+    """
     B, t = query_valid.shape
-    probs = attention_probs(queries, keys, query_positions, key_positions, scaling).mean(2)
-    return torch.where(query_valid.view(B, 1, t, 1), probs, 0.0)
+    if lse is None:
+        probs = attention_probs(queries, keys, query_positions, key_positions, scaling).mean(2)
+        return torch.where(query_valid.view(B, 1, t, 1), probs, 0.0)
+    H, G, d, L = queries.shape[1], queries.shape[2], queries.shape[-1], keys.shape[2]
+    q = queries.float().reshape(B * H, G * t, d) * scaling
+    k = keys.float().reshape(B * H, L, d)
+    # logit - lse <= 0 for every key a row sees; keys it may not see are capped there too (finite after exp), and
+    # zeroed by the mask, a product (several times faster than a select on this CPU)
+    probs = torch.baddbmm(-lse.float().reshape(B * H, G * t, 1), q, k.transpose(1, 2)).clamp_max_(0.0).exp_()
+    probs = probs.view(B, H, G, t, L).mean(2)
+    allowed = allowed_keys(query_positions, key_positions) & query_valid.view(B, 1, t, 1)
+    return probs.mul_(allowed)
 
 
 def choose(recovery: torch.Tensor, threshold) -> torch.Tensor:
@@ -195,6 +211,8 @@ def profile_heads(
     """
     B, H, w, L = probs.shape
     local_window = torch.ceil(local_ratio * prompt_len.double()).long()
+    visible = (key_positions >= 0).unsqueeze(2) & (key_positions.unsqueeze(2) <= query_positions.view(B, 1, w, 1))
+    probs = torch.where(visible, probs.float(), 0.0)
     mass = torch.zeros(B, H, 5, dtype=torch.float64, device=probs.device)
     add_recovered_mass(mass, probs, query_positions, key_kinds, key_positions, cumulative, local_window,
                        frequent_ratio, sink_tokens, window)
@@ -207,17 +225,27 @@ def add_recovered_mass(mass, probs, query_positions, key_kinds, key_positions, c
                        frequent_ratio: float, sink_tokens: int, window: int) -> None:
     """Add the `recovered_mass` of every row of probs [B, H, t, L] to mass [B, H, 5], _ROW_BLOCK rows at a time
     (bounds the per-row intermediates on long prompts)."""
-    order = frequency_order(cumulative, key_positions)  # the same for every block of rows
+    ranking = frequency_ranking(cumulative, key_positions)  # the same for every block of rows
     for start in range(0, probs.shape[2], _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
         mass += recovered_mass(probs[:, :, rows], query_positions[:, rows], key_kinds, key_positions, cumulative,
-                               local_window, frequent_ratio, sink_tokens, window, order=order)
+                               local_window, frequent_ratio, sink_tokens, window, ranking=ranking)
 
 
 def frequency_order(cumulative: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
     """Slots in decreasing cumulative attention, empty slots last (stable: ties go to the earlier slot): [B, H, L]."""
     scores = cumulative.float().masked_fill(key_positions < 0, float("-inf"))
     return scores.argsort(dim=-1, descending=True, stable=True)
+
+
+def frequency_ranking(cumulative: torch.Tensor, key_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank of each slot in `frequency_order`, the positions in that order with empty slots at int32 max), both
+    [B, H, L] int32."""
+    order = frequency_order(cumulative, key_positions)
+    L = order.shape[-1]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=order.device).expand_as(order))
+    positions = key_positions.to(torch.int32).masked_fill(key_positions < 0, torch.iinfo(torch.int32).max)
+    return rank.to(torch.int32), positions.gather(-1, order)
 
 
 def recovered_mass(
@@ -230,37 +258,43 @@ def recovered_mass(
     frequent_ratio: float,
     sink_tokens: int,
     window: int,
-    order: torch.Tensor | None = None,
+    ranking: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention mass each candidate keeps, summed over a block of query rows: [B, H, 5] (float64).
 
-    Same arguments as `profile_heads` for one block of rows (probs [B, H, t, L], query_positions [B, t]);
-    local_window [B] in tokens. Each (row, key) gets the first candidate that keeps it (its "level"); the
-    candidates are nested, so the mass of candidate c is the mass of levels <= c.
+    Same arguments as `profile_heads` for one block of rows (probs [B, H, t, L], zero where a row sees no key;
+    query_positions [B, t]); local_window [B] in tokens. The candidates are nested, so each adds a set to the
+    previous one: the static sets (sinks, special, punctuation) are column masks, one product per block; a row's
+    frequent keys are the first ceil(frequent_ratio x visible) visible keys in `frequency_order`, i.e. the slots
+    whose rank in that order is at most the rank of the row's last one, found by a binary search on the running
+    count of visible keys in that order (no per-row sort or scatter).
     """
     B, H, t, L = probs.shape
-    valid = key_positions >= 0
-    key_pos = key_positions.to(torch.int32).unsqueeze(2)  # [B, H, 1, L]
+    p = probs.float()
+    slot_rank, ordered_positions = frequency_ranking(cumulative, key_positions) if ranking is None else ranking
+    key_pos = key_positions.to(torch.int32)
     q_pos = query_positions.to(torch.int32).view(B, 1, t, 1)
-    visible = valid.unsqueeze(2) & (key_pos <= q_pos)  # [B, H, t, L]
-    distance = q_pos - key_pos
-    # frequent: per row, the first ceil(frequent_ratio * visible) visible keys in decreasing cumulative attention
-    # (stable order: ties go to the earlier slot, as in the eviction's top-k)
-    if order is None:
-        order = frequency_order(cumulative, key_positions)
-    order_rows = order.unsqueeze(2).expand(B, H, t, L)
-    visible_sorted = visible.gather(-1, order_rows)
-    rank = visible_sorted.float().cumsum(-1)  # 1-based rank among the row's visible keys (exact below 2**24)
-    budget = torch.ceil(frequent_ratio * rank[..., -1:].double()).float()
-    frequent = torch.zeros_like(visible).scatter_(-1, order_rows, visible_sorted & (rank <= budget))
-    level = torch.full((B, H, t, L), 4, dtype=torch.uint8, device=probs.device)
-    level.masked_fill_(distance < local_window.view(B, 1, 1, 1), 3)
-    level.masked_fill_(frequent, 2)
-    level.masked_fill_((key_kinds == PUNCT).unsqueeze(2), 1)
-    level.masked_fill_((key_pos < sink_tokens) | (key_kinds == SPECIAL).unsqueeze(2) | (distance < window), 0)
-    per_level = torch.zeros(B, H, t, 5, dtype=torch.float32, device=probs.device)
-    per_level.scatter_add_(-1, level.long(), torch.where(visible, probs.float(), 0.0))
-    return per_level.double().sum(2).cumsum(-1)
+    sinks = (key_pos < sink_tokens) | (key_kinds == SPECIAL)
+    punct = (key_kinds == PUNCT) & ~sinks
+    static = p @ torch.stack([sinks, punct], dim=-1).to(p.dtype)  # [B, H, t, 2]
+    rest = p * ~(sinks | punct).unsqueeze(2)  # what the static sets leave (products, not selects: faster here)
+    level0 = static[..., 0]
+    level1 = static[..., 0] + static[..., 1]
+    if window > 0:  # the last `window` tokens before each row belong to every candidate
+        band = key_pos.unsqueeze(2) > q_pos - window
+        level0 = level0 + torch.where(band & ~sinks.unsqueeze(2), p, 0.0).sum(-1)
+        level1 = level1 + torch.where(band, rest, 0.0).sum(-1)
+        rest = rest * ~band
+    visible_count = (ordered_positions.unsqueeze(2) <= q_pos).cumsum(-1, dtype=torch.int32)
+    budget = torch.ceil(frequent_ratio * visible_count[..., -1:].double()).to(torch.int32)  # [B, H, t, 1]
+    last = torch.searchsorted(visible_count, budget)  # order index of the row's last frequent key
+    last = torch.where(budget > 0, last.to(torch.int32), -1)
+    frequent = slot_rank.unsqueeze(2) <= last  # [B, H, t, L]; invisible slots carry no probability
+    level2 = level1 + (rest * frequent).sum(-1)
+    local = key_pos.unsqueeze(2) > q_pos - local_window.view(B, 1, 1, 1).to(torch.int32)
+    level3 = level1 + (rest * (frequent | local)).sum(-1)
+    levels = torch.stack([level0, level1, level2, level3, p.sum(-1)], dim=-1)  # [B, H, t, 5]
+    return levels.double().sum(2)
 
 
 def search_threshold(recovery: torch.Tensor, kept: torch.Tensor, total: float, target: float) -> tuple[float, float]:
@@ -378,6 +412,7 @@ class FastGenState(PolicyState):
         first_read, first_profiled = T - read, T - profiled
         block = max(16, min(512, 2**24 // max(1, B * H * G * L)))  # about 64 MiB of logits per block
         totals = torch.zeros(B, H, L, dtype=torch.float32, device=keys.device)
+        lse = ctx.attention_lse if ctx.sliding_window is None else None  # the prefill's own row normalisers
         kept_blocks = []
         for start in range(first_read, T, block):
             stop = min(T, start + block)
@@ -385,7 +420,8 @@ class FastGenState(PolicyState):
             seen = ((key_positions >= 0) & (key_positions <= ctx.query_positions[stop - 1])).flatten(0, 1).any(0)
             width = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1
             probs = group_attention(queries[..., start:stop, :], keys[:, :, :width], ctx.query_positions[start:stop],
-                                    key_positions[..., :width], ctx.scaling, ctx.query_valid[:, start:stop])
+                                    key_positions[..., :width], ctx.scaling, ctx.query_valid[:, start:stop],
+                                    lse=None if lse is None else lse[..., start:stop])
             totals[..., :width] += probs.sum(2)
             if stop > first_profiled:
                 low = max(start, first_profiled)
