@@ -8,6 +8,7 @@ by keyword or by position. Everything else in kvevict asks this module instead o
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Any, Callable
 
 CACHE_NAMES = ("cache", "past_key_values")  # newest first
@@ -48,3 +49,22 @@ def call_reader(forward: Callable) -> Callable[[tuple, dict], dict[str, Any]]:
         return named
 
     return read
+
+
+def _set_attention(model, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # releases without the setter read the config field
+        model.config._attn_implementation = impl
+
+
+@contextmanager
+def attention_implementation(model, impl: str):
+    """Inside the block the model's attention runs `impl` ("eager", "sdpa" or a registered name); the previous
+    implementation is restored after."""
+    previous = model.config._attn_implementation
+    _set_attention(model, impl)
+    try:
+        yield
+    finally:
+        _set_attention(model, previous)

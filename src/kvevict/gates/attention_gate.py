@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import attention_implementation
 from ..models import config_of
 
 KIND = "attention-gate"
@@ -438,7 +439,6 @@ def flagged_forward(model, gates: nn.ModuleDict, config: GateConfig, straight_th
 
     register_training_attention()
     records: dict[int, FlagRecord] = {}
-    previous_impl = model.config._attn_implementation
 
     def gate_hook(module, args, kwargs):
         hidden = hidden_states_of(args, kwargs)
@@ -455,21 +455,13 @@ def flagged_forward(model, gates: nn.ModuleDict, config: GateConfig, straight_th
 
     handles = [m.register_forward_pre_hook(gate_hook, with_kwargs=True) for m in attention_modules(model)]
     token = _FLAGS.set(records)
-    _set_impl(model, TRAINING_ATTENTION)
     try:
-        yield records
+        with attention_implementation(model, TRAINING_ATTENTION):
+            yield records
     finally:
         _FLAGS.reset(token)
-        _set_impl(model, previous_impl)
         for h in handles:
             h.remove()
-
-
-def _set_impl(model, impl: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:
-        model.config._attn_implementation = impl
 
 
 def flagged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..compat import attention_implementation
 from ..gates.attention_gate import (
     GateConfig,
-    _set_impl,
     build_gates,
     flagged_forward,
     gate_parameters,
@@ -309,12 +309,10 @@ def attention_keep_targets(model, gates, gate_config: GateConfig, ids: torch.Ten
             hidden[module.layer_idx] = hidden_states_of(args, kwargs).detach()
 
     handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in attention_modules(model)]
-    previous_impl = model.config._attn_implementation
-    _set_impl(model, "eager")
     try:
-        attentions = model(input_ids=ids, use_cache=False, output_attentions=True, logits_to_keep=1).attentions
+        with attention_implementation(model, "eager"):
+            attentions = model(input_ids=ids, use_cache=False, output_attentions=True, logits_to_keep=1).attentions
     finally:
-        _set_impl(model, previous_impl)
         for h in handles:
             h.remove()
     B, T = ids.shape
