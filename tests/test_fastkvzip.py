@@ -193,9 +193,13 @@ def test_kvzip_score_precision_reaches_the_scoring(precision, monkeypatch):
 
     calls, scoring = [], kvzip.repeat_scores
 
-    def recorded(*args, model_precision=False):
+    def recorded(*args, model_precision=False, new_tokens_lse=None):
         calls.append(model_precision)
-        return scoring(*args, model_precision=model_precision)
+        # the repeat pass's attention hands over its causal log-sum-exps: the scores are those computed without
+        assert new_tokens_lse is not None
+        got = scoring(*args, model_precision=model_precision, new_tokens_lse=new_tokens_lse)
+        assert torch.equal(got, scoring(*args, model_precision=model_precision))
+        return got
     monkeypatch.setattr(kvzip, "repeat_scores", recorded)
     model, tok = tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16), tiny_tokenizer()
     policy = kvevict.make_policy("kvzip", compression_ratio=0.5, tokenizer=tok, score_precision=precision)

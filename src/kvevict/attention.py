@@ -267,6 +267,7 @@ def segment_attention(
     seg_len: list[int],
     scaling: float,
     visible_rows: torch.Tensor | None = None,
+    new_lse_out: list | None = None,
 ) -> torch.Tensor:
     """Attention read straight from a store's segments, no padded copy: queries [B, Hq, T, d] -> [B, T, Hq, d].
 
@@ -275,7 +276,8 @@ def segment_attention(
     T rows of each segment are the queries' own tokens, in order (causal among themselves). With T = 1 that is
     any decode step. For T > 1 the older rows and the new ones are two fused passes merged by their log-sum-exps.
     `visible_rows` ([rows] bool, T = 1 only): keys hidden in-context (a gate's flags); the query's own token, the
-    newest row of its segment, stays visible.
+    newest row of its segment, stays visible. `new_lse_out` (T > 1): a list that receives the log-sum-exp of each
+    query row over the new tokens alone (causal), [B, H, G, T] fp32, a by-product of the first pass.
     """
     B, Hq, T, d = queries.shape
     if visible_rows is not None and T != 1:
@@ -291,7 +293,7 @@ def segment_attention(
     if visible_rows is not None:  # each query sees its own token, the newest row of its segment
         visible_rows = visible_rows.clone()
         visible_rows[torch.tensor([a + n - 1 for a, n in zip(seg_start, seg_len)], device=keys.device)] = True
-    outs = []
+    outs, new_lses = [], []
     for first, count, stride in _equal_runs(seg_start, seg_len):
         start, length = seg_start[first], seg_len[first]
         size, strides = (count, 1, length, d), (stride * d, d, d, 1)
@@ -311,6 +313,7 @@ def segment_attention(
         past = length - T
         k_new, v_new = k[:, :, past:].expand(count, G, T, d), v[:, :, past:].expand(count, G, T, d)
         new = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_new, v_new, 0.0, True, scale=scaling)
+        new_lses.append(new[1])
         if past == 0:
             outs.append(new[0])
             continue
@@ -318,6 +321,8 @@ def segment_attention(
             q.reshape(count, 1, G * T, d), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scaling)
         outs.append(_merge((new[0], new[1]), (older[0].view(count, G, T, d), older[1].view(count, G, T))))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if new_lse_out is not None and new_lses:
+        new_lse_out.append((new_lses[0] if len(new_lses) == 1 else torch.cat(new_lses)).view(B, H, G, T))
     return out.view(B, 1, Hq, d) if T == 1 else out.view(B, Hq, T, d).transpose(1, 2)
 
 

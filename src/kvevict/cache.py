@@ -284,8 +284,11 @@ class EvictingCache(Cache, HookedCache):
                             or (T > 1 and store.max_len > T and visible is None))
                        and segments_apply(store, step.positions, T))
         if per_segment:
+            new_lse = [] if ctx is not None and observer.observes and T > 1 else None
             out = segment_attention(query, store.keys, store.values, store.host_start, store.host_len, scaling,
-                                    visible)
+                                    visible, new_lse_out=new_lse)
+            if new_lse:
+                ctx.new_tokens_lse = new_lse[0]
         else:
             if visible is not None:  # per storage row -> laid out like the view
                 visible = visible[view.row_index]

@@ -100,6 +100,9 @@ class LayerContext:
     # [B, Hq, T] log-sum-exp of each query row's attention logits (scaled), when the layer's attention produced it
     # (a fresh prefill through the fused CPU kernel): column sums of the attention then need one pass, not two
     attention_lse: torch.Tensor | None = None
+    # [B, H, G, T] log-sum-exp of each query row over the forward's own tokens only (causal), when the layer's
+    # attention read older rows and the new tokens in separate passes (KVzip's repeat passes)
+    new_tokens_lse: torch.Tensor | None = None
     channel_prefix: str = ""  # the reading state's namespace among the store's side channels
 
     def relative_positions(self) -> torch.Tensor:

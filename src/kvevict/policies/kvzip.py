@@ -86,7 +86,8 @@ class KVzipState(PolicyState):
         kpos = ctx.view.positions
         in_chunk = (kpos >= start) & (kpos < stop)
         scores = repeat_scores(ctx.queries, ctx.view.keys, kpos, ctx.query_positions, ctx.scaling, self.protected,
-                               (start, stop), repeat_start, model_precision=self.policy.score_precision == "model")
+                               (start, stop), repeat_start, model_precision=self.policy.score_precision == "model",
+                               new_tokens_lse=ctx.new_tokens_lse)
         ctx.set_stat("kvzip", torch.where(in_chunk, scores, ctx.stat("kvzip")))
 
     # ------------------------------------------------------------------ scoring passes
@@ -191,6 +192,7 @@ def repeat_scores(
     chunk: tuple[int, int],
     repeat_start: int,
     model_precision: bool = False,
+    new_tokens_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KVzip's score of every chunk key: max over the repeat queries and the G heads of a group of the attention
     probability, the softmax running over [protected prefix; chunk; repeat tokens (causal)] only: [B, H, L] fp32
@@ -203,7 +205,9 @@ def repeat_scores(
 
     `model_precision`: with 16-bit queries on CPU, the products run in their dtype (accumulating in float32) and
     pick each key's best row, where its score is recomputed in float32 (`_max_shifted_logits`); elsewhere, or when
-    False, all in float32.
+    False, all in float32. `new_tokens_lse` [B, H, G, T]: the repeat tokens' causal log-sum-exps over themselves,
+    if the layer's attention computed them already (`LayerContext.new_tokens_lse`); used when the scoring runs in
+    the queries' own dtype, where it is what the fused kernel would compute here.
     """
     B, H, G, T, d = queries.shape
     start, stop = chunk
@@ -216,7 +220,8 @@ def repeat_scores(
     rep_keys = keys.gather(2, rep_index.unsqueeze(-1).expand(-1, -1, -1, d)).to(q.dtype)
     rep_pos = key_positions.gather(2, rep_index)
     if bool(rep_filled.all()) and rep_pos.shape[-1] == T and bool((rep_pos == query_positions.view(1, 1, -1)).all()):
-        rep_lse = _causal_lse(q, rep_keys, scale)
+        reuse = new_tokens_lse is not None and q.dtype == queries.dtype and fused
+        rep_lse = new_tokens_lse if reuse else _causal_lse(q, rep_keys, scale)
     else:  # not the layout a replay leaves (every head holding all repeat tokens): mask by positions
         visible = rep_filled.unsqueeze(2) & (rep_pos.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
         logits = torch.einsum("bhgtd,bhld->bhgtl", q.float(), rep_keys.float()).mul_(scale)
