@@ -187,8 +187,11 @@ def test_kvzip_scores_match_a_direct_computation(family):
             assert torch.allclose(got[h, : len(kept)][kept >= protected], expected[h, chunk], atol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["model", "float32"])
-def test_kvzip_score_precision_reaches_the_scoring(precision, monkeypatch):
+@pytest.mark.parametrize("precision,dtype", [("model", torch.bfloat16), ("float32", torch.bfloat16),
+                                             ("model", torch.float32)])
+def test_kvzip_score_precision_reaches_the_scoring(precision, dtype, monkeypatch):
+    """The precision option reaches the scoring; the repeat tokens' log-sum-exps handed over by the repeat pass's
+    attention give bit-identical scores (reused in the queries' dtype: bfloat16 with "model", a float32 model)."""
     import kvevict.policies.kvzip as kvzip
 
     calls, scoring = [], kvzip.repeat_scores
@@ -201,7 +204,7 @@ def test_kvzip_score_precision_reaches_the_scoring(precision, monkeypatch):
         assert torch.equal(got, scoring(*args, model_precision=model_precision))
         return got
     monkeypatch.setattr(kvzip, "repeat_scores", recorded)
-    model, tok = tiny_model("llama", num_hidden_layers=2).to(torch.bfloat16), tiny_tokenizer()
+    model, tok = tiny_model("llama", num_hidden_layers=2).to(dtype), tiny_tokenizer()
     policy = kvevict.make_policy("kvzip", compression_ratio=0.5, tokenizer=tok, score_precision=precision)
     cache = kvevict.EvictingCache(model, policy)
     with torch.no_grad():
