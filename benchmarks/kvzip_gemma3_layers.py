@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.samples < 1 or args.length < 512 or not 0 < args.ratio < 1:
+        parser.error("--samples must be >= 1, --length >= 512 (128 tokens are teacher-forced) and 0 < --ratio < 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = kvevict.load_model("gemma3-270m", dtype="bfloat16")

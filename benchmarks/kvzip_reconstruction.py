@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.samples < 1 or not 1 < args.continuation < args.length // 2:
+        parser.error("--samples must be >= 1 and --continuation between 2 and half of --length")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = kvevict.load_model(args.model, dtype=args.dtype)
