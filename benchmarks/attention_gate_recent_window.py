@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 import kvevict
+from kvevict.compat import attention_implementation
 from kvevict.eval.metrics import fidelity_metrics
-from kvevict.gates.attention_gate import _set_impl, flagged_forward, load_attention_gates, resolve_gates_dir
+from kvevict.gates.attention_gate import flagged_forward, load_attention_gates, resolve_gates_dir
 
 from attention_gate_eval import heldout_windows  # the heldout-kl part's windows (this folder is on sys.path)
 
@@ -89,8 +90,8 @@ def run(model, tok, gates_dir: Path, windows: list[int], length: int, continuati
             for w in windows:
                 with flagged_forward(model, gates, config, straight_through=False) as records:
                     _SETTING.update(records=records, window=w, context=context)
-                    _set_impl(model, IMPLEMENTATION)
-                    logits = model(input_ids=ids).logits[0, context - 1 : length - 1]
+                    with attention_implementation(model, IMPLEMENTATION):
+                        logits = model(input_ids=ids).logits[0, context - 1 : length - 1]
                 m = fidelity_metrics(full, logits, targets)
                 rows[w].append({"source": source, "kl": m["kl"], "top1": m["top1"], "ppl_ratio": m["ppl_ratio"],
                                 "evicted": evicted_share(records, context, w)})

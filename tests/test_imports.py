@@ -60,3 +60,17 @@ def test_no_import_cycle():
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_every_benchmark_script_imports():
+    """A renamed or removed library name breaks a benchmark only when it runs: import each script to catch it."""
+    import subprocess
+    import sys
+
+    benchmarks = PACKAGE.parents[1] / "benchmarks"
+    scripts = sorted(p.stem for p in benchmarks.glob("*.py"))
+    assert scripts
+    code = "import importlib, sys; sys.path.insert(0, sys.argv[1])\nfor name in sys.argv[2:]: importlib.import_module(name)"
+    done = subprocess.run([sys.executable, "-c", code, str(benchmarks), *scripts], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
