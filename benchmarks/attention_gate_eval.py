@@ -312,7 +312,11 @@ def main() -> None:
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to skip: heldout, heldout-kl, overhead, train-step, eval")
     parser.add_argument("--kl-windows", type=int, default=5, help="held-out windows per source (heldout-kl part)")
+    parser.add_argument("--kl-continuation", type=int, default=128,
+                        help="last tokens of each held-out window teacher-forced (heldout-kl part)")
     args = parser.parse_args()
+    if not 0 < args.kl_continuation < args.heldout_length:
+        parser.error("--kl-continuation must be at least 1 and shorter than --heldout-length")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -334,7 +338,7 @@ def main() -> None:
         ratio = args.ratio if args.ratio is not None else round(held["evicted"], 2)
         t0 = time.perf_counter()
         kl = heldout_fidelity(model, tok, gates_dir, ratio, args.baselines.split(","), args.heldout_length,
-                              args.kl_windows, 128, seed=1)
+                              args.kl_windows, args.kl_continuation, seed=1)
         kl["seconds"] = time.perf_counter() - t0
         (out / "heldout_kl.json").write_text(json.dumps(kl, indent=2))
         print(json.dumps(kl["mean"], indent=2))

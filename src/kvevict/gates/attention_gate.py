@@ -526,12 +526,14 @@ class _FlaggedAttention(torch.autograd.Function):
     """Masked attention by SDPA forward; a hand-written backward adds the straight-through gradient of the flags.
 
     q [B, H, G, T, d] (the G query heads of each KV head), k, v [B, H, T, d], flags [B, H, T] or None, all float32;
-    each query sees its `recent` newest keys whatever their flags; returns [B, H, G, T, d]. Nothing of size T x T is kept for the backward, which recomputes the logits block by
-    block of queries, each block against the keys it may see only (causal: about half of T x T), small enough to
-    stay in the CPU's cache through the dozen elementwise passes the gradient takes.
+    each query sees its `recent` newest keys whatever their flags; returns [B, H, G, T, d]. Nothing of size T x T
+    is kept for the backward, which recomputes the logits block by block of query rows, each block against the keys
+    it may see only (causal: about half of T x T).
     """
 
-    BLOCK_ELEMENTS = 1 << 17  # [B, H, G, rows, keys] elements per block of the backward (512 KB in float32)
+    # Query rows per block of the backward. Fewer rows make small, slow products; more make the dozen elementwise
+    # passes leave the CPU's cache. 64 was fastest from 256 to 2,048 tokens (smollm2's shape, batch 1 and 4).
+    ROWS_PER_BLOCK = 64
 
     @staticmethod
     def forward(ctx, q, k, v, flags, window, scaling, recent=1):
@@ -555,9 +557,8 @@ class _FlaggedAttention(torch.autograd.Function):
         grad_flags = torch.zeros_like(flags) if want_flags else None
         # dL/dp_ij = g_i . v_j - g_i . out_i: the second term (the softmax's own) per query
         own_term = (grad_out * out).sum(-1, keepdim=True)  # [B, H, G, T, 1]
-        rows_per_block = max(1, _FlaggedAttention.BLOCK_ELEMENTS // (B * H * G * T))
-        for start in range(0, T, rows_per_block):
-            rows = range(start, min(T, start + rows_per_block))
+        for start in range(0, T, _FlaggedAttention.ROWS_PER_BLOCK):
+            rows = range(start, min(T, start + _FlaggedAttention.ROWS_PER_BLOCK))
             cols = range(max(0, start - window + 1) if window else 0, rows.stop)  # the keys these rows may see
             n = len(rows)
             qb = q[:, :, :, rows.start : rows.stop]  # [B, H, G, n, d]
