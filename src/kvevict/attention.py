@@ -227,8 +227,9 @@ def evicted_attention(
     return out.reshape(B, Hq, T, d).transpose(1, 2)
 
 
-def _flagged_prefill(queries, keys, values, visible, scaling) -> torch.Tensor:
-    """A fresh prefill (no padding, every head holding the new tokens) whose keys a gate hid in-context: [B, T, Hq, d].
+def _flagged_prefill(queries, keys, values, visible, scaling, with_lse: bool = False):
+    """A fresh prefill (no padding, every head holding the new tokens) whose keys a gate hid in-context: [B, T, Hq, d],
+    and with `with_lse` each row's log-sum-exp [B, Hq, T] too.
 
     Query i sees key j <= i when key j is visible, and always itself. The first part is one fused causal pass with
     the hidden keys as an additive mask broadcast over the queries ([B, Hq, 1, L], not a [T, L] map per head); a
@@ -247,8 +248,10 @@ def _flagged_prefill(queries, keys, values, visible, scaling) -> torch.Tensor:
     # must take all the mass
     lse = lse.masked_fill(visible.cumsum(-1) == 0, float("-inf"))
     with_own = _merge((out, lse), (values, own_logit))
-    out = torch.where(visible.unsqueeze(-1), out, with_own)
-    return out.transpose(1, 2)
+    out = torch.where(visible.unsqueeze(-1), out, with_own).transpose(1, 2)
+    if not with_lse:
+        return out
+    return out, torch.where(visible, lse, torch.logaddexp(lse, own_logit))
 
 
 def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import _FUSED_CPU, _flagged_prefill
 from ..compat import attention_implementation
 from ..models import config_of
 
@@ -538,25 +539,33 @@ class _FlaggedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, flags, window, scaling, recent=1):
         B, H, G, T, d = q.shape
-        mask = _visible(range(T), range(T), window, flags, q.device, recent).expand(B, H, G, T, T)
-        out = F.scaled_dot_product_attention(q.reshape(B, H, G * T, d), k, v, scale=scaling,
-                                             attn_mask=mask.reshape(B, H, G * T, T))
-        out = out.view(B, H, G, T, d)
-        ctx.save_for_backward(q, k, v, out, flags)
+        lse = None
+        if flags is not None and window is None and recent == 1 and _FUSED_CPU and q.device.type == "cpu":
+            # one fused causal pass with the hidden keys as a bias over the keys, no [T, T] mask per head
+            out, lse = _flagged_prefill(q.view(B, H * G, T, d), k, v, flags.detach() > 0.5, scaling, with_lse=True)
+            out, lse = out.transpose(1, 2).reshape(B, H, G, T, d), lse.view(B, H, G, T, 1)
+        else:
+            mask = _visible(range(T), range(T), window, flags, q.device, recent).expand(B, H, G, T, T)
+            out = F.scaled_dot_product_attention(q.reshape(B, H, G * T, d), k, v, scale=scaling,
+                                                 attn_mask=mask.reshape(B, H, G * T, T))
+            out = out.view(B, H, G, T, d)
+        ctx.save_for_backward(q, k, v, out, flags, lse)
         ctx.window, ctx.scaling, ctx.recent = window, scaling, recent
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, flags = ctx.saved_tensors
+        q, k, v, out, flags, lse = ctx.saved_tensors
         window, scaling, recent = ctx.window, ctx.scaling, ctx.recent
         B, H, G, T, d = q.shape
         want_flags = flags is not None and ctx.needs_input_grad[3]
         grad_q = torch.zeros_like(q)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_flags = torch.zeros_like(flags) if want_flags else None
+        kept = None if flags is None else (flags.detach() > 0.5).to(q.dtype)[:, :, None, None]  # [B, H, 1, 1, T]
         # dL/dp_ij = g_i . v_j - g_i . out_i: the second term (the softmax's own) per query
         own_term = (grad_out * out).sum(-1, keepdim=True)  # [B, H, G, T, 1]
+        # Masks are 0/1 floats applied by products, [n, m] or [B, H, 1, n, m]: G times smaller than the logits
         for start in range(0, T, _FlaggedAttention.ROWS_PER_BLOCK):
             rows = range(start, min(T, start + _FlaggedAttention.ROWS_PER_BLOCK))
             cols = range(max(0, start - window + 1) if window else 0, rows.stop)  # the keys these rows may see
@@ -564,10 +573,22 @@ class _FlaggedAttention(torch.autograd.Function):
             qb = q[:, :, :, rows.start : rows.stop]  # [B, H, G, n, d]
             kb, vb = k[:, :, None, cols.start : cols.stop], v[:, :, None, cols.start : cols.stop]  # [B, H, 1, m, d]
             gb = grad_out[:, :, :, rows.start : rows.stop]
-            visible = _visible(rows, cols, window, flags, q.device, recent)  # [B|1, H|1, 1, n, m]
-            shifted = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scaling)  # logits s_ij, then s_ij - lse_i
-            shifted -= torch.logsumexp(shifted.masked_fill(~visible, float("-inf")), dim=-1, keepdim=True)
-            probs = torch.exp(shifted).masked_fill_(~visible, 0.0)
+            allowed = _allowed(rows, cols, window, q.device)
+            own = _unflagged(rows, cols, recent, q.device) & allowed  # seen whatever the flag
+            flaggable = (allowed & ~own).to(q.dtype)
+            if kept is None:
+                visible, hidden = allowed.to(q.dtype), None
+            else:
+                kept_b = kept[..., cols.start : cols.stop]
+                visible = torch.addcmul(own.to(q.dtype), flaggable, kept_b)  # [B, H, 1, n, m]
+                hidden = flaggable * (1.0 - kept_b)
+            shifted = torch.matmul(qb * scaling, kb.transpose(-1, -2))  # logits s_ij, then s_ij - lse_i
+            if lse is None:
+                shifted -= torch.logsumexp(shifted.masked_fill(visible == 0, float("-inf")), dim=-1, keepdim=True)
+            else:
+                shifted -= lse[:, :, :, rows.start : rows.stop]
+            # a visible key's s_ij - lse_i is <= 0; the clamp keeps a masked one's exp finite (never inf * 0)
+            probs = shifted.clamp_max(0.0).exp_().mul_(visible)
             grad_probs = torch.matmul(gb, vb.transpose(-1, -2)).sub_(own_term[:, :, :, rows.start : rows.stop])
             grad_logits = probs * grad_probs
             grad_q[:, :, :, rows.start : rows.stop] = torch.matmul(grad_logits, kb).mul_(scaling)
@@ -584,10 +605,8 @@ class _FlaggedAttention(torch.autograd.Function):
                 # (q = sigmoid(s_ij - lse_i)), where the plain derivative of exp(s) * m / sum(exp(s) * m) at m = 0
                 # grows as exp(s_ij - max visible) and made training diverge. A query's own key (its `recent`
                 # newest) carries no gradient: its flag does not act there.
-                revealed = torch.sigmoid_(shifted).mul_(grad_probs)
-                per_pair = torch.where(visible, grad_logits, revealed)
-                no_flag = _unflagged(rows, cols, recent, q.device) | ~_allowed(rows, cols, window, q.device)
-                grad_flags[..., cols.start : cols.stop] += per_pair.masked_fill_(no_flag, 0.0).sum(dim=(2, 3))
+                per_pair = torch.sigmoid_(shifted).mul_(hidden).mul_(grad_probs).addcmul_(grad_logits, flaggable)
+                grad_flags[..., cols.start : cols.stop] += per_pair.sum(dim=(2, 3))
         return grad_q, grad_k, grad_v, grad_flags, None, None, None
 
 
