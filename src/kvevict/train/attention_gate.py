@@ -7,8 +7,9 @@ loss that drives each layer's mean flag toward a target. Here:
   m = hard + p - p.detach() decide which keys later queries see, so the forward is exactly the in-context
   eviction the cache performs, while the language-model loss's gradient reaches the gates through p (with a
   bounded estimate of each flag's effect: the plain derivative at a hidden key grows as exp(logit gap));
-- only the gates' parameters train (the model's have requires_grad False); the flagged attention runs SDPA's
-  fused kernel forward and a blocked backward (nothing of size T x T kept between them), and the model's matrix
+- only the gates' parameters train (the model's have requires_grad False); the flagged attention runs a fused
+  kernel forward (on CPU the causal one, the hidden keys a bias over the keys, as the cache's prefill) and a
+  blocked backward (nothing of size T x T kept between them), and the model's matrix
   products run under bfloat16 autocast (`autocast`; about 1.9x less CPU time per step than the float32,
   materialised-attention step on a 2-core AVX512-BF16 CPU);
 - loss = LM cross-entropy (on the last `1 - loss_from` of each window: the tokens that see the most evicted
