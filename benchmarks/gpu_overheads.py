@@ -88,9 +88,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of the 1B shape (CPU check)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    for name in ("context", "repeats", "decode_tokens"):
-        if getattr(args, name) < (2 if name == "context" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'context' else 1}")
+    for name, least in (("context", 2), ("repeats", 1), ("decode_tokens", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
     device, cuda = args.device, args.device.startswith("cuda")

@@ -107,11 +107,11 @@ def test_a_fresh_prefill_with_hidden_keys_matches_the_masked_attention(dtype, mo
     visible = torch.rand(B, H, T) > 0.5
     visible[0, 1, 0] = False
     called = []
-    original = attn._flagged_prefill
-    monkeypatch.setattr(attn, "_flagged_prefill", lambda *a: called.append(1) or original(*a))
+    original = attn.flagged_prefill
+    monkeypatch.setattr(attn, "flagged_prefill", lambda *a: called.append(1) or original(*a))
     got = attn.evicted_attention(q, k, v, pos, kpos, 0.25, visible=visible, heads_aligned=True, no_empty_slots=True)
     assert called
-    monkeypatch.setattr(attn, "_FUSED_CPU", False)  # the masked attention the fused path replaces
+    monkeypatch.setattr(attn, "FUSED_CPU", False)  # the masked attention the fused path replaces
     want = attn.evicted_attention(q, k, v, pos, kpos, 0.25, visible=visible, heads_aligned=True, no_empty_slots=True)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want.float(), atol=tolerance)

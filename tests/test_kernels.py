@@ -32,7 +32,7 @@ def replay_layout(B, H, context, repeat, holes=()):
 @pytest.mark.parametrize("holes", [(), ((0, 1, 5), (0, 1, 9), (0, 0, 30))])
 @pytest.mark.parametrize("fused", [True, False])
 def test_kvzip_repeat_scores_match_dense(holes, fused, monkeypatch):
-    monkeypatch.setattr(kvzip, "_FUSED_CPU", fused and kvzip._FUSED_CPU)
+    monkeypatch.setattr(kvzip, "FUSED_CPU", fused and kvzip.FUSED_CPU)
     torch.manual_seed(0)
     B, H, G, d, context, repeat = 1, 2, 3, 16, 40, 23
     kpos = replay_layout(B, H, context, repeat, holes)
@@ -62,7 +62,7 @@ def test_kvzip_repeat_scores_with_a_missing_repeat_row():
     assert torch.allclose(got[in_chunk], want[in_chunk], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(not kvzip._FUSED_CPU, reason="the model-precision scores run on the fused CPU kernels")
+@pytest.mark.skipif(not kvzip.FUSED_CPU, reason="the model-precision scores run on the fused CPU kernels")
 @pytest.mark.parametrize("block_elements", [2**24, 2**9])  # one block of rows, and many
 def test_kvzip_scores_in_model_precision(block_elements, monkeypatch):
     """16-bit queries and keys: each score is the float32 probability at the row a 16-bit product picked, so it is

@@ -33,7 +33,7 @@ def deactivate(token: contextvars.Token) -> None:
     _ACTIVE.reset(token)
 
 
-_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 _QUERY_BLOCK = 256  # query rows per block when materialising probabilities (bounds memory on long prompts)
 
 
@@ -192,15 +192,15 @@ def evicted_attention(
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
         return torch.matmul(probs, values).reshape(B, Hq, 1, d).transpose(1, 2)
     if (visible is not None and softcap is None and sliding_window is None and L == T and no_empty_slots
-            and _FUSED_CPU and queries.device.type == "cpu" and bool((key_positions == query_positions).all())):
-        return _flagged_prefill(queries, keys, values, visible, scaling)
+            and FUSED_CPU and queries.device.type == "cpu" and bool((key_positions == query_positions).all())):
+        return flagged_prefill(queries, keys, values, visible, scaling)
     if heads_aligned is None:
         heads_aligned = bool((key_positions == key_positions[:, :1]).all())
     shared = heads_aligned and visible is None  # one mask serves every head
     kpos = key_positions[:, :1] if shared else key_positions
     if shared and plain and L == T and bool((kpos == query_positions).all()):
         # a fresh prefill without padding: plain causal attention, for which SDPA skips the masked half
-        if lse_out is not None and _FUSED_CPU and queries.device.type == "cpu":
+        if lse_out is not None and FUSED_CPU and queries.device.type == "cpu":
             # the same fused kernel SDPA runs here (its GQA path repeats K/V too), asked for its log-sum-exps
             if G > 1:
                 keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
@@ -227,7 +227,7 @@ def evicted_attention(
     return out.reshape(B, Hq, T, d).transpose(1, 2)
 
 
-def _flagged_prefill(queries, keys, values, visible, scaling, with_lse: bool = False):
+def flagged_prefill(queries, keys, values, visible, scaling, with_lse: bool = False):
     """A fresh prefill (no padding, every head holding the new tokens) whose keys a gate hid in-context: [B, T, Hq, d],
     and with `with_lse` each row's log-sum-exp [B, Hq, T] too.
 
@@ -352,7 +352,7 @@ def segments_apply(store, query_positions: torch.Tensor, T: int) -> bool:
         return False
     if T == 1:
         return True
-    if not _FUSED_CPU or store.keys.device.type != "cpu":
+    if not FUSED_CPU or store.keys.device.type != "cpu":
         return False
     rows = torch.tensor([start + length - T for start, length in zip(store.host_start, store.host_len)],
                         device=store.positions.device)

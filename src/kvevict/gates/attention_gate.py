@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import _FUSED_CPU, _flagged_prefill
+from ..attention import FUSED_CPU, flagged_prefill
 from ..compat import attention_implementation
 from ..models import config_of
 
@@ -524,7 +524,8 @@ def _visible(rows: range, cols: range, window: int | None, flags: torch.Tensor |
 
 
 class _FlaggedAttention(torch.autograd.Function):
-    """Masked attention by SDPA forward; a hand-written backward adds the straight-through gradient of the flags.
+    """Masked attention by a fused kernel forward (on CPU `flagged_prefill`, elsewhere SDPA with a mask); a
+    hand-written backward adds the straight-through gradient of the flags.
 
     q [B, H, G, T, d] (the G query heads of each KV head), k, v [B, H, T, d], flags [B, H, T] or None, all float32;
     each query sees its `recent` newest keys whatever their flags; returns [B, H, G, T, d]. Nothing of size T x T
@@ -540,9 +541,9 @@ class _FlaggedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, flags, window, scaling, recent=1):
         B, H, G, T, d = q.shape
         lse = None
-        if flags is not None and window is None and recent == 1 and _FUSED_CPU and q.device.type == "cpu":
+        if flags is not None and window is None and recent == 1 and FUSED_CPU and q.device.type == "cpu":
             # one fused causal pass with the hidden keys as a bias over the keys, no [T, T] mask per head
-            out, lse = _flagged_prefill(q.view(B, H * G, T, d), k, v, flags.detach() > 0.5, scaling, with_lse=True)
+            out, lse = flagged_prefill(q.view(B, H * G, T, d), k, v, flags.detach() > 0.5, scaling, with_lse=True)
             out, lse = out.transpose(1, 2).reshape(B, H, G, T, d), lse.view(B, H, G, T, 1)
         else:
             mask = _visible(range(T), range(T), window, flags, q.device, recent).expand(B, H, G, T, T)

@@ -35,7 +35,7 @@ LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting wi
 _QUERY_BLOCK = 256
 _BLOCK_ELEMENTS = 2**24  # logits per block of repeat rows in the scoring (64 MiB in float32)
 SCORE_PRECISIONS = ("model", "float32")
-_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 _MARKER = "\x00USER\x00"
@@ -167,7 +167,7 @@ def _causal_lse(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torc
 
     The fused CPU kernel never stores the T x T map; elsewhere the map is built a block of rows at a time."""
     B, H, G, T, d = queries.shape
-    if queries.device.type == "cpu" and _FUSED_CPU:
+    if queries.device.type == "cpu" and FUSED_CPU:
         q = queries.reshape(B, H * G, T, d)
         k = keys.repeat_interleave(G, dim=1)
         _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, True, scale=scale)[:2]
@@ -211,7 +211,7 @@ def repeat_scores(
     """
     B, H, G, T, d = queries.shape
     start, stop = chunk
-    fused = queries.device.type == "cpu" and _FUSED_CPU
+    fused = queries.device.type == "cpu" and FUSED_CPU
     low = model_precision and fused and queries.dtype in (torch.float16, torch.bfloat16)
     q = queries if low else queries.float()
     context = (key_positions >= 0) & ((key_positions < protected) | ((key_positions >= start) & (key_positions < stop)))
