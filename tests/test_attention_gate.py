@@ -5,6 +5,7 @@ resumable training, checkpoints refused for another model, and bad parameters.""
 import json
 import math
 import warnings
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +36,7 @@ from kvevict.train.attention_gate import (
     attention_keep_targets,
     TrainConfig,
     eviction_loss,
+    full_logprobs,
     gated_step,
     train,
 )
@@ -339,26 +341,93 @@ def test_eviction_loss_formula():
     assert loss.item() == pytest.approx((1 / 3 - 0.5) ** 2 + (1.0 - 0.5) ** 2)
 
 
+def random_corpus():
+    g = torch.Generator().manual_seed(0)
+    return Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
+                               {"a": torch.randint(3, 300, (1000,), generator=g)})
+
+
 def test_training_writes_gates_and_resumes_to_the_same_result(tmp_path):
     model = tiny_model("llama")
-    g = torch.Generator().manual_seed(0)
-    corpus = Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
-                                 {"a": torch.randint(3, 300, (1000,), generator=g)})
-    cfg = TrainConfig(out=str(tmp_path), steps=4, batch_size=2, seq_len=48, val_every=2, save_every=2,
+    corpus = random_corpus()
+    cfg = TrainConfig(out=str(tmp_path / "whole"), steps=4, batch_size=2, seq_len=48, val_every=2, save_every=2,
                       val_windows=2, window=8, warmup=1)
     record = train(cfg, model=model, corpus=corpus, progress=False)
     assert [h["step"] for h in record["history"]] == [2, 4]
     assert 0.0 < record["final_validation"]["achieved_ratio"] < 1.0
-    meta = json.loads((tmp_path / "gates.json").read_text())
+    assert record["final_validation"]["val_kl"] > 0.0  # hidden keys move the distribution away from the full cache's
+    meta = json.loads((tmp_path / "whole" / "gates.json").read_text())
     assert meta["kind"] == "attention-gate" and meta["model"]["model_type"] == "llama"
     assert meta["hyper"]["target_ratio"] == 0.5 and meta["training"]["tokens_seen"] == 4 * 2 * 48
-    report = (tmp_path / "TRAINING.md").read_text()  # written by the trainer: cost and the held-out curve
+    report = (tmp_path / "whole" / "TRAINING.md").read_text()  # written by the trainer: cost and the held-out curve
     assert "4 steps x 2 windows x 48 tokens = 384 training tokens" in report and "| 4 | 384 |" in report
-    first = (tmp_path / "gates.safetensors").read_bytes()
-    # resume from the step-2 checkpoint: the same data and optimizer state give the same gates
-    resumed = train(cfg, resume=True, model=model, corpus=corpus, progress=False)
+    assert "KL to the full cache" in report and "LM loss on positions >= 12" in report
+    whole = (tmp_path / "whole" / "gates.safetensors").read_bytes()
+
+    # interrupted while drawing step 3's batch (the first draw is the bias calibration's), after the step-2 checkpoint
+    draws, windows = [0], corpus.windows
+
+    def interrupting(n, seq_len, generator, part="train"):
+        draws[0] += part == "train"
+        if draws[0] == 4:
+            raise KeyboardInterrupt
+        return windows(n, seq_len, generator, part)
+
+    cut = TrainConfig(**{**asdict(cfg), "out": str(tmp_path / "cut")})
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, model=model, corpus=SimpleNamespace(windows=interrupting), progress=False)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())["step"] == 2
+    # resumed from it: the same data and optimizer state give the same gates as the uninterrupted run
+    resumed = train(cut, resume=True, model=model, corpus=corpus, progress=False)
     assert [h["step"] for h in resumed["history"]] == [2, 4]
-    assert (tmp_path / "gates.safetensors").read_bytes() == first
+    assert (tmp_path / "cut" / "gates.safetensors").read_bytes() == whole
+
+    # the last step is checkpointed too: a finished run resumes as it ended, or goes on with more steps
+    again = train(cfg, resume=True, model=model, corpus=corpus, progress=False)
+    assert again["final_validation"] == record["final_validation"]
+    assert (tmp_path / "whole" / "gates.safetensors").read_bytes() == whole
+    longer = train(TrainConfig(**{**asdict(cfg), "steps": 6}), resume=True, model=model, corpus=corpus,
+                   progress=False)
+    assert [h["step"] for h in longer["history"]] == [2, 4, 6]
+    assert longer["history"][:2] == record["history"] and longer["tokens_seen"] == 6 * 2 * 48
+
+
+def test_distill_objective_trains_the_gates_on_the_kl_to_the_full_cache(tmp_path):
+    """objective="distill": the loss is KL(full cache || gated) on the scored positions (+ the eviction loss); it is
+    0 when every key is kept, its gradient reaches the gates only, and it is what the trainer records."""
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gates = spread_gates(model)
+    ids, _ = left_padded_batch((32, 32), seed=7)
+    teacher = full_logprobs(model, ids, loss_from=8)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, 8:-1].float().log_softmax(-1)
+    torch.testing.assert_close(teacher, full)
+    result = gated_step(model, gates, CONFIG, ids, 8, target_ratio=0.5, eviction_weight=2.0, teacher=teacher)
+    gated = scored_logits_of(model, gates, ids, 8).log_softmax(-1)
+    direct = (full.exp() * (full - gated)).sum(-1).mean()
+    assert result["kl"].item() == pytest.approx(direct.item(), rel=1e-4) and result["kl"].item() > 1e-3
+    assert result["loss"].item() == pytest.approx(result["kl"].item() + 2.0 * result["evict"].item(), rel=1e-5)
+    result["loss"].backward()
+    assert all(gate.out.weight.grad.abs().sum() > 0 for gate in gates.values())
+    assert all(p.grad is None for p in model.parameters())
+    keep_all = spread_gates(model)
+    with torch.no_grad():
+        for gate in keep_all.values():
+            gate.out.bias.fill_(50.0)
+    assert gated_step(model, keep_all, CONFIG, ids, 8, 0.5, 0.0, teacher=teacher)["kl"].item() < 1e-6
+
+    cfg = TrainConfig(out=str(tmp_path), steps=2, batch_size=2, seq_len=48, val_every=2, save_every=2,
+                      val_windows=2, window=8, warmup=1, objective="distill")
+    record = train(cfg, model=model, corpus=random_corpus(), progress=False)
+    assert record["config"]["objective"] == "distill" and "train_kl" in record["history"][-1]
+    assert "KL from the full cache's next-token distribution" in (tmp_path / "TRAINING.md").read_text()
+
+
+def scored_logits_of(model, gates, ids, loss_from):
+    with torch.no_grad(), flagged_forward(model, gates, CONFIG, straight_through=False):
+        return model(input_ids=ids).logits[:, loss_from:-1].float()
 
 
 def test_warm_start_with_a_recent_window_trains_from_the_given_gates(tmp_path):

