@@ -495,6 +495,8 @@ def test_fit_to_attention_warm_start_is_trained_and_recorded(tmp_path):
     assert "fitted to the model's attention first" in (tmp_path / "TRAINING.md").read_text()
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0).validate()
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="kl").validate()
 
 
 def test_cli_registers_the_trainer():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention import FUSED_CPU
 from ..chat import has_template, user_turn
 from .base import Policy, PolicyState
 
@@ -35,7 +36,6 @@ LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting wi
 _QUERY_BLOCK = 256
 _BLOCK_ELEMENTS = 2**24  # logits per block of repeat rows in the scoring (64 MiB in float32)
 SCORE_PRECISIONS = ("model", "float32")
-FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 _MARKER = "\x00USER\x00"

@@ -21,8 +21,8 @@ loss that drives each layer's mean flag toward a target. Here:
   (by a hash of its name) held out of training and used for validation; windows of `seq_len` tokens are drawn
   with a seeded generator per step, so a resumed run draws the same batches as an uninterrupted one;
 - every `val_every` steps: validation loss with and without the gates, the KL to the full cache and the achieved
-  eviction ratio; every `save_every` steps and at the last a resumable checkpoint in DIR/checkpoint (gates, optimizer state and step; safetensors +
-  JSON, no pickle); at the end the gates in DIR (gates.safetensors + gates.json with the model identity, the
+  eviction ratio; every `save_every` steps and at the last a resumable checkpoint in DIR/checkpoint (gates,
+  optimizer state and step; safetensors + JSON, no pickle); at the end the gates in DIR (gates.safetensors + gates.json with the model identity, the
   hyper-parameters and the training record) and TRAINING.md (command, settings, data, cost, held-out curve).
 """
 
@@ -548,7 +548,8 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
                 last["train_kl"] = result["kl"].item()
             history.append(last)
             tqdm.write(f"step {done}: val loss {last['val_loss']:.4f} (full cache {reference:.4f}), "
-                       f"KL to the full cache {last['val_kl']:.4f}, achieved ratio {last['achieved_ratio']:.3f} (target {cfg.target_ratio})")
+                       f"KL to the full cache {last['val_kl']:.4f}, achieved ratio {last['achieved_ratio']:.3f} "
+                       f"(target {cfg.target_ratio})")
         if done % cfg.save_every == 0 or done == cfg.steps:  # the last one too: `--resume --steps N` extends a run
             _save_resume(checkpoint, model, gates, gate_config, optimizer, done, history, cfg,
                          time.perf_counter() - began, fit)
