@@ -342,6 +342,7 @@ def test_eviction_loss_formula():
 
 
 def random_corpus():
+    """Random token ids: 4,000 to train on, 1,000 held out."""
     g = torch.Generator().manual_seed(0)
     return Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
                                {"a": torch.randint(3, 300, (1000,), generator=g)})
@@ -434,9 +435,7 @@ def test_warm_start_with_a_recent_window_trains_from_the_given_gates(tmp_path):
     """--init starts from a checkpoint's gates (no calibration), --recent-window is trained and recorded; the cache
     refuses such gates rather than apply their flags by the paper's rule."""
     model = tiny_model("llama")
-    g = torch.Generator().manual_seed(0)
-    corpus = Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
-                                 {"a": torch.randint(3, 300, (1000,), generator=g)})
+    corpus = random_corpus()
     base = dict(steps=2, batch_size=2, seq_len=48, val_every=2, save_every=2, val_windows=2, window=8, warmup=1)
     first = train(TrainConfig(out=str(tmp_path / "first"), **base), model=model, corpus=corpus, progress=False)
     _, start, _ = load_attention_gates(tmp_path / "first", model)
@@ -481,9 +480,7 @@ def test_keep_targets_label_the_most_attended_keys():
 
 def test_fit_to_attention_warm_start_is_trained_and_recorded(tmp_path):
     model = tiny_model("llama")
-    g = torch.Generator().manual_seed(0)
-    corpus = Corpus.from_streams({"a": torch.randint(3, 300, (4000,), generator=g)},
-                                 {"a": torch.randint(3, 300, (1000,), generator=g)})
+    corpus = random_corpus()
     cfg = TrainConfig(out=str(tmp_path), fit_steps=4, steps=0, batch_size=2, seq_len=48, val_every=2, val_windows=2,
                       window=8, warmup=1)
     before = build_gates(model, cfg.gate_config(), seed=cfg.seed)
