@@ -432,8 +432,8 @@ def scored_logits_of(model, gates, ids, loss_from):
 
 
 def test_warm_start_with_a_recent_window_trains_from_the_given_gates(tmp_path):
-    """--init starts from a checkpoint's gates (no calibration), --recent-window is trained and recorded; the cache
-    refuses such gates rather than apply their flags by the paper's rule."""
+    """--init starts from a checkpoint's gates (no calibration) and validates them as step 0, --recent-window is
+    trained and recorded; the cache refuses such gates rather than apply their flags by the paper's rule."""
     model = tiny_model("llama")
     corpus = random_corpus()
     base = dict(steps=2, batch_size=2, seq_len=48, val_every=2, save_every=2, val_windows=2, window=8, warmup=1)
@@ -446,6 +446,10 @@ def test_warm_start_with_a_recent_window_trains_from_the_given_gates(tmp_path):
     for (name, a), b in zip(start.state_dict().items(), gates.state_dict().values()):  # lr ~0: the start, kept
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
     assert warm["final_validation"]["val_loss"] != first["final_validation"]["val_loss"]  # keys seen for longer
+    start_row = warm["history"][0]  # a warm start's curve begins with its starting gates, validated
+    assert [h["step"] for h in warm["history"]] == [0, 2]
+    assert "| 0 | 0 |" in (tmp_path / "warm" / "TRAINING.md").read_text()
+    assert start_row["val_loss"] == pytest.approx(warm["final_validation"]["val_loss"], rel=1e-5)
     assert "each query sees its 6 newest keys" in (tmp_path / "warm" / "TRAINING.md").read_text()
     with pytest.raises(ValueError, match="recent_window=6"):
         kvevict.EvictingCache(model, kvevict.make_policy("attention-gate", gates=str(tmp_path / "warm")))

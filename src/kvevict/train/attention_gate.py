@@ -509,6 +509,11 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
                    f"{after['achieved_ratio']:.3f}")
     elif start:  # a resumed run: the fit, if any, is in the checkpoint's record
         fit = json.loads((checkpoint / "state.json").read_text()).get("fit", [])
+    if start == 0 and cfg.init is not None:  # where a warm start begins: step 0 of its curve
+        gates.eval()
+        history.append({**validate_gates(model, gates, gate_config, val, loss_from, cfg.target_ratio),
+                        "step": 0, "full_val_loss": reference, "seconds": 0.0})
+        gates.train()
     if start == 0 and cfg.calibrate and cfg.init is None and not cfg.fit_steps:
         calibrate_bias(model, gates, gate_config, corpus.windows(cfg.batch_size, cfg.seq_len,
                        torch.Generator().manual_seed(cfg.seed + 2)), cfg.target_ratio)
