@@ -5,7 +5,7 @@ resumable training, checkpoints refused for another model, and bad parameters.""
 import json
 import math
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
@@ -494,6 +494,10 @@ def test_fit_to_attention_warm_start_is_trained_and_recorded(tmp_path):
     _, fitted, _ = load_attention_gates(tmp_path, model)
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), fitted.state_dict().values()))
     assert "fitted to the model's attention first" in (tmp_path / "TRAINING.md").read_text()
+    again = train(replace(cfg, out=str(tmp_path / "again"), init=str(tmp_path), fit_steps=2, steps=2),
+                  model=model, corpus=corpus, progress=False)
+    assert [h["step"] for h in again["history"]] == [2]  # no step 0: the fit's own validation is where steps start
+    assert len(again["fit"]) == 1 and "val_loss" in again["fit"][-1]
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0).validate()
     with pytest.raises(ValueError, match="objective"):

